@@ -1,0 +1,25 @@
+"""Building blocks shared by the UNet, VAE and text encoder: the places where the Triton kernels slot in."""
+
+import torch
+from torch import nn
+
+import kernels
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters, same state-dict keys) through the fused kernel, with optional SiLU."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = False):
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.silu = silu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu)
+
+
+def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
+    """[B, L, heads*D] projections in, [B, Lq, heads*D] out. The head split is a strided view; the kernel reads strides."""
+    b, lq, _ = q.shape
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    out = kernels.attention(q, k, v, causal=causal)
+    return out.transpose(1, 2).reshape(b, lq, -1)

@@ -1,0 +1,79 @@
+"""The CLIP text tower (ViT-L/14's in SD1.x). Module names follow HF's CLIPTextModel without the text_model. prefix."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import TextConfig
+from engine.layers import multihead_attention
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = multihead_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)
+        return self.out_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.quick = cfg.hidden_act == "quick_gelu"
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h = h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h)
+        return self.fc2(h)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, L] -> hidden states after the final layer norm [B, L, hidden_size]."""
+        if ids.shape[1] > self.embeddings.position_embedding.num_embeddings:
+            raise ValueError(f"{ids.shape[1]} tokens exceed the text encoder's {self.embeddings.position_embedding.num_embeddings} positions")
+        x = self.embeddings(ids)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.final_layer_norm(x)

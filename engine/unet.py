@@ -1,0 +1,193 @@
+"""The SD1.x UNet. Module names mirror the original CompVis checkpoint (input_blocks.N.M, middle_block, output_blocks),
+so an original single-file checkpoint maps onto it by prefix alone."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import UNetConfig
+from engine.layers import GroupNorm, multihead_attention
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos half first, in float32 whatever the model dtype."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int, out_ch: int, emb_ch: int, groups: int):
+        super().__init__()
+        # The empty slots stand where the checkpoint has SiLU/dropout layers: SiLU is fused into the GroupNorm
+        # kernel, and keeping the slots keeps the checkpoint's key names (in_layers.2, out_layers.3, emb_layers.1).
+        self.in_layers = nn.Sequential(GroupNorm(groups, ch, silu=True), nn.Identity(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.Identity(), nn.Linear(emb_ch, out_ch))
+        self.out_layers = nn.Sequential(
+            GroupNorm(groups, out_ch, silu=True), nn.Identity(), nn.Identity(), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        )
+        self.skip_connection = nn.Conv2d(ch, out_ch, 1) if ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers[1](emb_act)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        out = multihead_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn1(h, h)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, ch: int, context_dim: int, heads: int, depth: int, groups: int):
+        super().__init__()
+        self.norm = GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.transformer_blocks = nn.ModuleList(TransformerBlock(ch, context_dim, heads) for _ in range(depth))
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        return x + self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Step(nn.ModuleList):
+    """One entry of input_blocks/output_blocks: a ResBlock, maybe a SpatialTransformer, maybe a resampler."""
+
+    def forward(self, x: torch.Tensor, emb_act: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb_act)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        mc, g = cfg.model_channels, cfg.norm_groups
+        emb_ch = 4 * mc
+        self.model_channels = mc
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+
+        def attention(ch: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, cfg.context_dim, cfg.num_heads, cfg.transformer_depth, g)
+
+        self.input_blocks = nn.ModuleList([Step([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        skip_chs, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, mult * mc, emb_ch, g)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(attention(ch))
+                self.input_blocks.append(Step(layers))
+                skip_chs.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(Step([Downsample(ch)]))
+                skip_chs.append(ch)
+                ds *= 2
+
+        self.middle_block = Step([ResBlock(ch, ch, emb_ch, g), attention(ch), ResBlock(ch, ch, emb_ch, g)])
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_chs.pop(), mult * mc, emb_ch, g)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(attention(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(Step(layers))
+
+        self.out = nn.Sequential(GroupNorm(g, ch, silu=True), nn.Identity(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: latents [B, C, H, W]; timesteps: [B] (or a scalar); context: text hidden states [B, 77, context_dim]."""
+        timesteps = timesteps.reshape(-1).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        emb_act = F.silu(emb)
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb_act, context)
+            skips.append(h)
+        h = self.middle_block(h, emb_act, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb_act, context)
+        return self.out(h)
