@@ -117,19 +117,22 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        # Upsample to the matching skip's size rather than 2x, so latents of odd size (width 520 -> 65) work.
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class Step(nn.ModuleList):
     """One entry of input_blocks/output_blocks: a ResBlock, maybe a SpatialTransformer, maybe a resampler."""
 
-    def forward(self, x: torch.Tensor, emb_act: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb_act: torch.Tensor, context: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb_act)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -189,5 +192,6 @@ class UNet(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb_act, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb_act, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb_act, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
