@@ -1,0 +1,211 @@
+"""Samplers as plans. Every sampler SD 1.x uses is, per step, linear in the latent x, the guided noise
+prediction eps, one carried tensor (DPM++'s previous x0 prediction) and fresh noise. So a whole run is worked
+out up front on the host in float64 as per-step coefficients (a, b, c, s, d, e):
+
+    x_next     = a*x + b*eps + c*extra + s*noise
+    extra_next = d*x + e*eps
+
+and the GPU loop is one fused step per UNet call with no host-device sync. Each sampler reproduces the
+diffusers scheduler built from SD 1.x's scheduler config (scaled_linear betas, steps_offset=1,
+set_alpha_to_one=False) with that scheduler's defaults, and img2img truncation follows diffusers'
+StableDiffusionImg2ImgPipeline.get_timesteps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def _train_schedule() -> tuple[np.ndarray, np.ndarray]:
+    # Built in float32, as SD was trained and as diffusers builds it; the float32 values are the schedule.
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return alphas_cumprod.numpy(), sigmas.numpy()
+
+
+ALPHAS_CUMPROD, TRAIN_SIGMAS = _train_schedule()
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerPlan:
+    name: str
+    timesteps: torch.Tensor  # float64 [n]: the UNet's timestep input per step
+    c_in: torch.Tensor  # float64 [n]: the UNet sees x * c_in[i]
+    coef: torch.Tensor  # float64 [n, 6]: (a, b, c, s, d, e) per step
+    noise_steps: tuple[bool, ...]  # step i draws fresh noise (scaled by s)
+    uses_extra: bool  # DPM++ carries the previous x0 prediction
+    init_scale: float  # txt2img: x = randn * init_scale
+    add_noise: tuple[float, float]  # img2img: x = p * x0 + q * noise before the first step
+
+
+def _plan(name, timesteps, coef, *, c_in=None, noise_steps=None, uses_extra=False, init_scale=1.0, add_noise):
+    n = len(timesteps)
+    return SamplerPlan(
+        name=name,
+        timesteps=torch.tensor(np.asarray(timesteps, dtype=np.float64)),
+        c_in=torch.ones(n, dtype=torch.float64) if c_in is None else torch.tensor(c_in, dtype=torch.float64),
+        coef=torch.tensor(np.stack(coef, axis=-1), dtype=torch.float64),
+        noise_steps=(False,) * n if noise_steps is None else tuple(bool(v) for v in noise_steps),
+        uses_extra=uses_extra,
+        init_scale=float(init_scale),
+        add_noise=(float(add_noise[0]), float(add_noise[1])),
+    )
+
+
+def _leading_timesteps(steps: int) -> np.ndarray:
+    return np.arange(steps)[::-1] * (NUM_TRAIN_TIMESTEPS // steps) + 1
+
+
+def _vp_add_noise(alpha_cumprod: float) -> tuple[float, float]:
+    return math.sqrt(alpha_cumprod), math.sqrt(1 - alpha_cumprod)
+
+
+def _ddpm(steps: int, start: int) -> SamplerPlan:
+    full = _leading_timesteps(steps)
+    ts = full[start:]
+    a_t = ALPHAS_CUMPROD[ts].astype(np.float64)
+    # The step after the last one is t = -1, where alphas_cumprod is taken as 1.
+    a_prev = np.append(ALPHAS_CUMPROD[full[1:]].astype(np.float64), 1.0)[start:]
+    beta = 1 - a_t / a_prev
+    x0_coef = np.sqrt(a_prev) * beta / (1 - a_t)
+    x_coef = np.sqrt(a_t / a_prev) * (1 - a_prev) / (1 - a_t)
+    std = np.sqrt(np.maximum((1 - a_prev) / (1 - a_t) * beta, 1e-20))
+    noise_steps = ts > 0
+    zero = np.zeros_like(a_t)
+    coef = (
+        x0_coef / np.sqrt(a_t) + x_coef,
+        -x0_coef * np.sqrt((1 - a_t) / a_t),
+        zero,
+        np.where(noise_steps, std, 0.0),
+        zero,
+        zero,
+    )
+    return _plan("ddpm", ts, coef, noise_steps=noise_steps, add_noise=_vp_add_noise(a_t[0]))
+
+
+def _ddim(steps: int, start: int) -> SamplerPlan:
+    ts = _leading_timesteps(steps)[start:]
+    a_t = ALPHAS_CUMPROD[ts].astype(np.float64)
+    prev = ts - NUM_TRAIN_TIMESTEPS // steps
+    # set_alpha_to_one=False: the last step lands on alphas_cumprod[0], not on a clean 1.
+    a_prev = ALPHAS_CUMPROD[np.maximum(prev, 0)].astype(np.float64)
+    a = np.sqrt(a_prev / a_t)
+    b = np.sqrt(1 - a_prev) - np.sqrt(a_prev * (1 - a_t) / a_t)
+    zero = np.zeros_like(a_t)
+    return _plan("ddim", ts, (a, b, zero, zero, zero, zero), add_noise=_vp_add_noise(a_t[0]))
+
+
+def _interp_sigmas(timesteps: np.ndarray) -> np.ndarray:
+    sigmas = np.interp(timesteps, np.arange(NUM_TRAIN_TIMESTEPS), TRAIN_SIGMAS)
+    return np.append(sigmas, 0.0).astype(np.float32).astype(np.float64)
+
+
+def _euler(steps: int, start: int, ancestral: bool) -> SamplerPlan:
+    full = np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, steps, dtype=np.float32)[::-1]
+    sigmas = _interp_sigmas(full)
+    sigma, sigma_next = sigmas[start:-1], sigmas[start + 1 :]
+    if ancestral:
+        sigma_up = np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+        sigma_next = np.sqrt(sigma_next**2 - sigma_up**2)
+    else:
+        sigma_up = np.zeros_like(sigma)
+    one, zero = np.ones_like(sigma), np.zeros_like(sigma)
+    return _plan(
+        "euler_a" if ancestral else "euler",
+        full[start:],
+        (one, sigma_next - sigma, zero, sigma_up, zero, zero),
+        c_in=1 / np.sqrt(sigma**2 + 1),
+        noise_steps=np.full(len(sigma), ancestral),
+        init_scale=sigmas.max(),
+        add_noise=(1.0, sigma[0]),
+    )
+
+
+def _karras(steps: int) -> tuple[np.ndarray, np.ndarray]:
+    rho = 7.0
+    lo, hi = float(TRAIN_SIGMAS[0]), float(TRAIN_SIGMAS[-1])
+    ramp = np.linspace(0, 1, steps)
+    sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    # Each sigma's timestep: linear in log-sigma between the two training steps around it, then rounded.
+    log_sigmas = np.log(TRAIN_SIGMAS)
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=NUM_TRAIN_TIMESTEPS - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    timesteps = ((1 - w) * low + w * (low + 1)).round()
+    return timesteps, np.append(sigmas, 0.0).astype(np.float32).astype(np.float64)
+
+
+def _dpmpp_2m(steps: int, start: int, karras: bool) -> SamplerPlan:
+    if karras:
+        full, sigmas = _karras(steps)
+    else:
+        full = np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+        sigmas = _interp_sigmas(full)
+    # sigmas are k-diffusion's; the solver works in VP terms alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma*alpha,
+    # whose log-SNR is lambda = -log(sigma).
+    alphas = 1 / np.sqrt(sigmas**2 + 1)
+    n = len(full)
+    coef = np.zeros((n - start, 6))
+    for row, i in enumerate(range(start, n)):
+        s0, s_next = sigmas[i], sigmas[i + 1]
+        alpha_s0, alpha_next = alphas[i], alphas[i + 1]
+        phi = alpha_next * (s_next / s0 - 1)  # alpha_t * (exp(-h) - 1)
+        # x0 = x / alpha_s0 - s0 * eps is carried to the next step as `extra`.
+        # First step taken and last step are first order (lower_order_final, final sigma 0).
+        if i == start or i == n - 1:
+            x0_weight, prev_weight = phi, 0.0
+        else:
+            r = math.log(sigmas[i - 1] / s0) / math.log(s0 / s_next)
+            x0_weight, prev_weight = phi * (1 + 0.5 / r), 0.5 * phi / r
+        coef[row] = (
+            s_next * alpha_next / (s0 * alpha_s0) - x0_weight / alpha_s0,
+            x0_weight * s0,
+            prev_weight,
+            0.0,
+            1 / alpha_s0,
+            -s0,
+        )
+    return _plan(
+        "dpmpp_2m_karras" if karras else "dpmpp_2m",
+        full[start:],
+        tuple(coef.T),
+        uses_extra=True,
+        add_noise=(alphas[start], sigmas[start] * alphas[start]),
+    )
+
+
+_BUILDERS = {
+    "ddpm": _ddpm,
+    "ddim": _ddim,
+    "euler": lambda steps, start: _euler(steps, start, ancestral=False),
+    "euler_a": lambda steps, start: _euler(steps, start, ancestral=True),
+    "dpmpp_2m": lambda steps, start: _dpmpp_2m(steps, start, karras=False),
+    "dpmpp_2m_karras": lambda steps, start: _dpmpp_2m(steps, start, karras=True),
+}
+
+
+def make_plan(sampler: str, steps: int, strength: float = 1.0) -> SamplerPlan:
+    """The whole run of `sampler` over `steps` steps; strength < 1 keeps only the last steps (img2img)."""
+    if sampler not in _BUILDERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    # With steps_offset=1, DDPM/DDIM's leading spacing would step past the last training timestep at 1000 steps.
+    if not 1 <= steps < NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"steps must be in [1, {NUM_TRAIN_TIMESTEPS - 1}], got {steps}")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    kept = min(int(steps * strength), steps)
+    if kept == 0:
+        raise ValueError(
+            f"strength {strength} with {steps} steps leaves no denoising step; "
+            f"steps * strength must be at least 1"
+        )
+    return _BUILDERS[sampler](steps, steps - kept)

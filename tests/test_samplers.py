@@ -1,0 +1,194 @@
+"""Sampler plans against diffusers' schedulers, run the way diffusers' SD pipelines run them."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionImg2ImgPipeline,
+)
+
+from engine.samplers import SAMPLERS, make_plan
+
+# diffusers' schedulers call np.array on tensors, which numpy 2 flags; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+SD15_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "skip_prk_steps": True,
+    "trained_betas": None,
+}
+
+DIFFUSERS_SCHEDULERS = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+}
+
+STEPS = (1, 2, 5, 10, 20, 30, 50)
+# (workflow, strength): txt2img is strength 1; img2img at 1 still noises the image to the first timestep.
+RUNS = (("txt2img", 1.0), ("img2img", 1.0), ("img2img", 0.8), ("img2img", 0.3))
+GUIDANCE = (None, 7.5)
+SHAPE = (2, 4, 9, 7)
+SEED = 1234
+# diffusers keeps its schedule in float32 and does the Euler and DPM++ updates on a float32 copy of the latent
+# (DDPM/DDIM coefficients are float32 scalar arithmetic), so agreement is at float32 level, not float64's.
+TOL = 5e-6
+C_IN_TOL = 5e-7
+
+
+def diffusers_scheduler(sampler):
+    cls, extra = DIFFUSERS_SCHEDULERS[sampler]
+    return cls.from_config({**SD15_SCHEDULER_CONFIG, **extra})
+
+
+def fake_unet(x, t, phase):
+    """Deterministic, nonlinear in x and t; `phase` makes the cond and uncond branches differ."""
+    t = float(t)
+    return torch.tanh(0.5 * x) * (0.4 + t / 1000) + 0.1 * torch.sin(x * t / 1000 + phase)
+
+
+def model_output(x_in, t, guidance):
+    if guidance is None:
+        return fake_unet(x_in, t, 0.0)
+    return torch.cat([fake_unet(x_in[: len(x_in) // 2], t, 0.0), fake_unet(x_in[len(x_in) // 2 :], t, 1.3)])
+
+
+def start_latents(workflow, generator, init_scale, add_noise):
+    if workflow == "txt2img":
+        return torch.randn(SHAPE, generator=generator, dtype=torch.float64) * init_scale
+    # The VAE posterior sample comes first from the generator, then the noise added to it.
+    x0 = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
+    noise = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
+    return add_noise(x0, noise)
+
+
+def run_diffusers(sampler, steps, workflow, strength, guidance):
+    """The denoising loop of diffusers' StableDiffusion(Img2Img)Pipeline, with its own helpers."""
+    scheduler = diffusers_scheduler(sampler)
+    pipe = SimpleNamespace(scheduler=scheduler)
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps
+    if workflow == "img2img":
+        timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(pipe, steps, strength, "cpu")
+        if len(timesteps) == 0:
+            return None, [], [], None
+    generator = torch.Generator().manual_seed(SEED)
+    x = start_latents(
+        workflow,
+        generator,
+        scheduler.init_noise_sigma,
+        lambda x0, noise: scheduler.add_noise(x0, noise, timesteps[:1]),
+    )
+    step_kwargs = StableDiffusionImg2ImgPipeline.prepare_extra_step_kwargs(pipe, generator, 0.0)
+    c_in = []
+    for t in timesteps:
+        c_in.append(scheduler.scale_model_input(torch.ones(1, dtype=torch.float64), t).item())
+        x_in = torch.cat([x] * 2) if guidance is not None else x
+        out = model_output(scheduler.scale_model_input(x_in, t), t, guidance)
+        if guidance is not None:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance * (cond - uncond)
+        x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
+    return x, [float(t) for t in timesteps], c_in, generator
+
+
+def guided_step(model_out, x, coef, guidance_scale=None, extra=None, noise=None):
+    """The fused step's formula in float64."""
+    a, b, c, s, d, e = coef.tolist()
+    if guidance_scale is None:
+        eps = model_out
+    else:
+        uncond, cond = model_out.chunk(2)
+        eps = uncond + guidance_scale * (cond - uncond)
+    x_next = a * x + b * eps
+    if extra is not None:
+        x_next = x_next + c * extra
+    if noise is not None:
+        x_next = x_next + s * noise
+    return x_next, (d * x + e * eps if extra is not None else None)
+
+
+def run_plan(plan, workflow, guidance):
+    """The engine's loop: one fused step per UNet call, the plan's coefficients and noise draws."""
+    generator = torch.Generator().manual_seed(SEED)
+    p, q = plan.add_noise
+    x = start_latents(workflow, generator, plan.init_scale, lambda x0, noise: p * x0 + q * noise)
+    extra = torch.zeros_like(x) if plan.uses_extra else None
+    for i, t in enumerate(plan.timesteps.tolist()):
+        x_in = x * plan.c_in[i].item()
+        out = model_output(torch.cat([x_in] * 2) if guidance is not None else x_in, t, guidance)
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float64) if plan.noise_steps[i] else None
+        x, extra = guided_step(out, x, plan.coef[i], guidance, extra, noise)
+    return x, generator
+
+
+@pytest.mark.parametrize("guidance", GUIDANCE, ids=lambda g: f"cfg{g}")
+@pytest.mark.parametrize("workflow,strength", RUNS, ids=[f"{w}-{s}" for w, s in RUNS])
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_matches_diffusers(sampler, steps, workflow, strength, guidance):
+    ref, ref_timesteps, ref_c_in, ref_generator = run_diffusers(sampler, steps, workflow, strength, guidance)
+    if not ref_timesteps:
+        with pytest.raises(ValueError, match="leaves no denoising step"):
+            make_plan(sampler, steps, strength)
+        return
+    plan = make_plan(sampler, steps, strength)
+    assert plan.timesteps.tolist() == ref_timesteps, f"timesteps {plan.timesteps.tolist()} != {ref_timesteps}"
+    c_in_err = max(abs(a - b) / b for a, b in zip(plan.c_in.tolist(), ref_c_in))
+    assert c_in_err <= C_IN_TOL, f"c_in rel err {c_in_err:.2e} > {C_IN_TOL:.0e}"
+    out, generator = run_plan(plan, workflow, guidance)
+    assert torch.equal(generator.get_state(), ref_generator.get_state()), (
+        f"random draws differ from diffusers': {sum(plan.noise_steps)} noise steps in the plan"
+    )
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert err <= TOL, f"final latents max rel err {err:.2e} > {TOL:.0e} ({sampler}, {steps} steps, {workflow})"
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_plan_is_finite_and_well_formed(sampler):
+    for steps in (*range(1, 61), 75, 100, 150, 250, 500, 999):
+        for strength in (1.0, 0.75, 0.5, 0.1):
+            if int(steps * strength) == 0:
+                continue
+            plan = make_plan(sampler, steps, strength)
+            n = int(steps * strength)
+            assert plan.coef.shape == (n, 6) and plan.coef.dtype == torch.float64, f"coef {plan.coef.shape}"
+            assert plan.timesteps.shape == (n,) and plan.c_in.shape == (n,) and len(plan.noise_steps) == n
+            for name, value in (("coef", plan.coef), ("c_in", plan.c_in), ("timesteps", plan.timesteps)):
+                assert torch.isfinite(value).all(), f"{name} not finite for {steps} steps at strength {strength}"
+            assert all(map(math.isfinite, (plan.init_scale, *plan.add_noise))), "init_scale/add_noise not finite"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("heun", 20), "unknown sampler 'heun'; valid samplers: ddpm, ddim, euler, euler_a, dpmpp_2m"),
+        (("ddim", 0), r"steps must be in \[1, 999\], got 0"),
+        (("ddim", -3), r"steps must be in \[1, 999\], got -3"),
+        (("euler", 1000), r"steps must be in \[1, 999\], got 1000"),
+        (("ddim", 20, 0.0), r"strength must be in \(0, 1\], got 0.0"),
+        (("ddim", 20, -0.5), r"strength must be in \(0, 1\], got -0.5"),
+        (("ddim", 20, 1.5), r"strength must be in \(0, 1\], got 1.5"),
+        (("ddim", 20, float("nan")), r"strength must be in \(0, 1\], got nan"),
+        (("dpmpp_2m", 20, 0.04), "strength 0.04 with 20 steps leaves no denoising step"),
+    ],
+)
+def test_bad_input(args, message):
+    with pytest.raises(ValueError, match=message):
+        make_plan(*args)
