@@ -1,0 +1,169 @@
+"""Flash attention forward: softmax(q k^T * scale) v without materialising the score matrix.
+
+Each program owns BLOCK_M query rows of one (batch, head) and streams over the keys in blocks of
+BLOCK_N, keeping a running row maximum and row sum (online softmax, float32). Scores are scaled by
+scale * log2(e) so the exponentials are exp2. The head dimension is padded to a power of two with
+masked loads, which covers SD's 40, 80 and 160 as well as 64.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .dispatch import INTERPRET, use_triton
+
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, O,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, Lq, Lk, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    m_mask = offs_m < Lq
+
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    # K is read as a [BLOCK_D, BLOCK_N] tile so that q @ k needs no transpose.
+    k_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Causal masking is top-left aligned, as in F.scaled_dot_product_attention: key j <= query i.
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        if EVEN_N:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=d_mask[:, None], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=d_mask[None, :], other=0.0)
+        else:
+            n_mask = (start_n + offs_n) < Lk
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        if not EVEN_N:
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        if CAUSAL:
+            qk = tl.where(offs_m[:, None] >= (start_n + offs_n)[None, :], qk, float("-inf"))
+        # Column 0 is never masked, so every row has a finite maximum after the first block.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, acc.to(O.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). tl.dot needs every tile side >= 16 on GPU."""
+    if INTERPRET:
+        return 32, 16, 4, 1
+    if dtype == torch.float32:
+        # IEEE float32 dots run on the FMA units with operands in registers: keep tiles small.
+        return (64, 32, 4, 2) if block_d <= 64 else (32, 32, 4, 1)
+    if block_d <= 64:
+        return 128, 64, 4, 3
+    if block_d <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 4, 3
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects [B, H, L, D] tensors; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention expects q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            "attention expects q [B, H, Lq, D] and k, v [B, H, Lk, D]; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[2] == 0:
+        raise ValueError("attention needs at least one key (Lk = 0)")
+
+
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                     scale: float | None = None) -> torch.Tensor:
+    """Launch the flash-attention kernel. q [B, H, Lq, D], k and v [B, H, Lk, D]; any strides.
+
+    The output is a [B, H, Lq, D] view of a contiguous [B, Lq, H, D] buffer (the layout SDPA's
+    flash backend returns), so merging the heads afterwards is a free reshape.
+    """
+    _check_inputs(q, k, v)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"attention_triton supports float16, bfloat16 and float32; got {q.dtype}")
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"attention_triton supports head dims up to {MAX_HEAD_DIM}; got {D}")
+    out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    if out.numel() == 0:
+        return out
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    block_d = max(16, triton.next_power_of_2(D))
+    block_m, block_n, num_warps, num_stages = _config(block_d, q.dtype)
+    grid = (triton.cdiv(Lq, block_m), B * H)
+    _attention_fwd_kernel[grid](
+        q, k, v, out,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, Lq, Lk, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=causal, EVEN_N=Lk % block_n == 0,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                  scale: float | None = None) -> torch.Tensor:
+    """F.scaled_dot_product_attention in (at least) float32, cast back to the input dtype."""
+    _check_inputs(q, k, v)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    out = F.scaled_dot_product_attention(q.to(acc), k.to(acc), v.to(acc), is_causal=causal, scale=scale)
+    return out.to(q.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention over [B, H, L, D] tensors, with F.scaled_dot_product_attention's
+    semantics (default scale 1/sqrt(D), top-left aligned causal mask).
+
+    Head dims above 256 (the VAE's single-head mid-block attention, D = 512) take the reference:
+    the kernel keeps a [BLOCK_M, D] float32 accumulator and a [BLOCK_M, D] query tile on chip,
+    which at D = 512 no longer fits in registers, and that layer runs once per decoded image.
+    """
+    if q.shape[-1] <= MAX_HEAD_DIM and use_triton(q):
+        return attention_triton(q, k, v, causal=causal, scale=scale)
+    return attention_ref(q, k, v, causal=causal, scale=scale)

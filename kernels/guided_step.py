@@ -1,0 +1,126 @@
+"""Classifier-free guidance fused with the sampler's update, in one elementwise launch.
+
+    eps        = u + g * (c - u)         (model_out = [uncond; cond])   or   model_out
+    x_next     = a * x + b * eps [+ c * extra] [+ s * noise]
+    extra_next = d * x + e * eps                                        (when extra is given)
+
+The six coefficients (a, b, c, s, d, e) stay in a float32 device tensor and are read inside the
+kernel: passing them as Python floats would need a host sync per step and would bake them into a
+captured CUDA graph. All math is float32.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import INTERPRET, use_triton
+
+
+@triton.jit
+def _guided_step_kernel(
+    MODEL_OUT, X, EXTRA, NOISE, COEF, X_OUT, EXTRA_OUT,
+    numel, guidance_scale,
+    GUIDED: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if GUIDED:
+        uncond = tl.load(MODEL_OUT + offs, mask=mask, other=0.0).to(tl.float32)
+        cond = tl.load(MODEL_OUT + numel + offs, mask=mask, other=0.0).to(tl.float32)
+        eps = uncond + guidance_scale * (cond - uncond)
+    else:
+        eps = tl.load(MODEL_OUT + offs, mask=mask, other=0.0).to(tl.float32)
+    x_next = tl.load(COEF) * x + tl.load(COEF + 1) * eps
+    if HAS_EXTRA:
+        extra = tl.load(EXTRA + offs, mask=mask, other=0.0).to(tl.float32)
+        x_next += tl.load(COEF + 2) * extra
+        extra_next = tl.load(COEF + 4) * x + tl.load(COEF + 5) * eps
+        tl.store(EXTRA_OUT + offs, extra_next.to(EXTRA_OUT.dtype.element_ty), mask=mask)
+    if HAS_NOISE:
+        noise = tl.load(NOISE + offs, mask=mask, other=0.0).to(tl.float32)
+        x_next += tl.load(COEF + 3) * noise
+    tl.store(X_OUT + offs, x_next.to(X_OUT.dtype.element_ty), mask=mask)
+
+
+def _check_inputs(model_out, x, coef, guidance_scale, extra, noise) -> None:
+    if x.dim() == 0:
+        raise ValueError("guided_step expects x of shape [B, ...]; got a scalar")
+    expected = (2 * x.shape[0], *x.shape[1:]) if guidance_scale is not None else tuple(x.shape)
+    if tuple(model_out.shape) != expected:
+        layout = "[uncond; cond] stacked on the batch dim" if guidance_scale is not None else "no guidance: x's shape"
+        raise ValueError(
+            f"guided_step expects model_out of shape {expected} ({layout}) for x of shape {tuple(x.shape)}; "
+            f"got {tuple(model_out.shape)}"
+        )
+    if coef.shape != (6,) or coef.dtype != torch.float32 or coef.device != x.device:
+        raise ValueError(
+            f"guided_step expects coef as 6 float32 values on {x.device}; got shape {tuple(coef.shape)}, "
+            f"{coef.dtype} on {coef.device}"
+        )
+    for name, t in (("extra", extra), ("noise", noise)):
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"guided_step expects {name} of x's shape {tuple(x.shape)}; got {tuple(t.shape)}")
+    for name, t in (("model_out", model_out), ("extra", extra), ("noise", noise)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"guided_step expects {name} on x's device {x.device}; got {t.device}")
+
+
+def guided_step_triton(model_out: torch.Tensor, x: torch.Tensor, coef: torch.Tensor,
+                       guidance_scale: float | None = None, extra: torch.Tensor | None = None,
+                       noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the fused step kernel; outputs are contiguous, in x's and extra's dtypes."""
+    _check_inputs(model_out, x, coef, guidance_scale, extra, noise)
+    model_out, x = model_out.contiguous(), x.contiguous()
+    extra = extra.contiguous() if extra is not None else None
+    noise = noise.contiguous() if noise is not None else None
+    x_next = torch.empty_like(x)
+    extra_next = torch.empty_like(extra) if extra is not None else None
+    numel = x.numel()
+    if numel == 0:
+        return x_next, extra_next
+    block = 1024 if INTERPRET else 2048
+    # Absent tensors are never read (HAS_* is False); x stands in for their pointers.
+    _guided_step_kernel[(triton.cdiv(numel, block),)](
+        model_out, x, extra if extra is not None else x, noise if noise is not None else x, coef,
+        x_next, extra_next if extra_next is not None else x_next,
+        numel, 1.0 if guidance_scale is None else float(guidance_scale),
+        GUIDED=guidance_scale is not None, HAS_EXTRA=extra is not None, HAS_NOISE=noise is not None,
+        BLOCK=block, num_warps=4,
+    )
+    return x_next, extra_next
+
+
+def guided_step_ref(model_out: torch.Tensor, x: torch.Tensor, coef: torch.Tensor,
+                    guidance_scale: float | None = None, extra: torch.Tensor | None = None,
+                    noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same update in eager PyTorch, in (at least) float32."""
+    _check_inputs(model_out, x, coef, guidance_scale, extra, noise)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    eps = model_out.to(acc)
+    if guidance_scale is not None:
+        uncond, cond = eps.chunk(2)
+        eps = uncond + guidance_scale * (cond - uncond)
+    a, b, c, s, d, e = coef.to(acc).unbind()
+    xf = x.to(acc)
+    x_next = a * xf + b * eps
+    extra_next = None
+    if extra is not None:
+        x_next = x_next + c * extra.to(acc)
+        extra_next = (d * xf + e * eps).to(extra.dtype)
+    if noise is not None:
+        x_next = x_next + s * noise.to(acc)
+    return x_next.to(x.dtype), extra_next
+
+
+def guided_step(model_out: torch.Tensor, x: torch.Tensor, coef: torch.Tensor,
+                guidance_scale: float | None = None, extra: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One sampler step with optional classifier-free guidance; returns (x_next, extra_next or None).
+
+    model_out: [2B, ...] = [uncond; cond] when guidance_scale is given, else [B, ...]; x: [B, ...];
+    coef: float32 (a, b, c, s, d, e) on x's device; extra and noise: like x, or None.
+    """
+    if use_triton(x):
+        return guided_step_triton(model_out, x, coef, guidance_scale, extra, noise)
+    return guided_step_ref(model_out, x, coef, guidance_scale, extra, noise)
