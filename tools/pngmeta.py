@@ -1,0 +1,108 @@
+"""Generation settings in a PNG's `parameters` text chunk, in the format AUTOMATIC1111's web UI writes and reads,
+so images can be reproduced here and dropped into the tools people already use:
+
+    PROMPT
+    Negative prompt: NEG
+    Steps: 30, Sampler: Euler a, CFG scale: 7.5, Seed: 1234, Size: 512x512, Model hash: 0123456789, Model: NAME
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+SAMPLER_NAMES = {
+    "ddpm": "DDPM",
+    "ddim": "DDIM",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+}
+_SAMPLER_IDS = {v: k for k, v in SAMPLER_NAMES.items()}
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+# A1111's own pattern for one `Key: value` field; values holding a comma, colon or newline are JSON-quoted.
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_NEGATIVE = "Negative prompt:"
+
+
+def model_hash(path: str | Path) -> str:
+    """A1111's short model hash: the first 10 hex digits of the file's sha256. A folder (diffusers layout)
+    hashes its weight files' bytes in sorted path order."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.suffix in MODEL_SUFFIXES) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:10]
+
+
+def format_parameters(
+    prompt: str, negative_prompt: str, *, steps: int, sampler: str, cfg: float, seed: int, width: int, height: int,
+    model_hash: str, model: str, strength: float | None = None, batch_size: int = 1, batch_pos: int = 0,
+) -> str:
+    fields = {
+        "Steps": steps,
+        "Sampler": SAMPLER_NAMES[sampler],
+        "CFG scale": _number(cfg),
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model hash": model_hash,
+        "Model": model,
+    }
+    if strength is not None:
+        fields["Denoising strength"] = _number(strength)
+    # One seed draws the whole batch, so an image is reproduced by its batch size and position, not by seed + i.
+    if batch_size > 1:
+        fields["Batch size"] = batch_size
+        fields["Batch pos"] = batch_pos
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"{_NEGATIVE} {negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict:
+    """The settings back from a `parameters` chunk: prompt, negative_prompt, steps, sampler (our id when known),
+    cfg, seed, width, height, model_hash, model, and strength, batch_size, batch_pos when present. Fields this
+    project does not write are kept under their A1111 names."""
+    lines = text.strip("\n").split("\n")
+    fields = {}
+    if len(_FIELD.findall(lines[-1])) >= 3:
+        fields = {k: json.loads(v) if v.startswith('"') else v for k, v in _FIELD.findall(lines.pop())}
+    prompt, negative = [], []
+    for line in lines:
+        if negative or line.startswith(_NEGATIVE):
+            negative.append(line.removeprefix(_NEGATIVE).lstrip() if not negative else line)
+        else:
+            prompt.append(line)
+    out = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    typed = {
+        "Steps": ("steps", int), "Sampler": ("sampler", lambda v: _SAMPLER_IDS.get(v, v)), "CFG scale": ("cfg", float),
+        "Seed": ("seed", int), "Model hash": ("model_hash", str), "Model": ("model", str),
+        "Denoising strength": ("strength", float), "Batch size": ("batch_size", int), "Batch pos": ("batch_pos", int),
+    }
+    for key, value in fields.items():
+        if key == "Size":
+            out["width"], out["height"] = (int(v) for v in value.split("x"))
+        elif key in typed:
+            name, cast = typed[key]
+            out[name] = cast(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def _quote(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') else text
