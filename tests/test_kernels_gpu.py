@@ -1,0 +1,190 @@
+"""The Triton kernels on CUDA at SD1.5's full shapes (512x512 images, batch 2 for guidance, 8 heads).
+
+Errors are norm-relative over the whole tensor, ||out - ref|| / ||ref||, against float64. Float32
+must be within 1e-5. Float16 and bfloat16 must be within twice the error of PyTorch's own kernel run
+in the same precision (SDPA, F.group_norm + F.silu, eager sampler arithmetic). Outputs are allocated
+NaN-filled so an element a kernel never writes fails.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.attention import attention_triton
+from kernels.group_norm import group_norm_triton
+from kernels.guided_step import guided_step_triton
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_filled(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_filled(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan_filled(empty_like(*a, **kw)))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def assert_close(out, ref, torch_out, dtype, what):
+    """`torch_out` is PyTorch's own result in `dtype`; it sets the tolerance for half precision."""
+    bad = (~torch.isfinite(out)).sum().item()
+    assert bad == 0, f"{what}: {bad} of {out.numel()} elements unwritten (NaN poison) or not finite"
+    err = rel_err(out, ref)
+    tol = 1e-5 if dtype == torch.float32 else 2 * rel_err(torch_out, ref)
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.2e}"
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device="cuda").to(dtype)
+
+
+# ---------------------------------------------------------------------------------------- attention
+
+
+def attention_f64(q, k, v, causal=False):
+    q, k, v = (t.double() for t in (q, k, v))
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    if causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+ATTENTION_SHAPES = [
+    # (B, H, Lq, Lk, D, causal): SD1.5 UNet self- and cross-attention at 512x512, SD2 and CLIP
+    (2, 8, 4096, 4096, 40, False),
+    (2, 8, 1024, 1024, 80, False),
+    (2, 8, 256, 256, 160, False),
+    (2, 8, 64, 64, 160, False),
+    (2, 8, 4096, 77, 40, False),
+    (2, 8, 1024, 77, 80, False),
+    (2, 8, 256, 77, 160, False),
+    (2, 8, 64, 77, 160, False),
+    (2, 5, 4096, 4096, 64, False),
+    (2, 12, 77, 77, 64, True),
+    (1, 3, 333, 129, 33, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "B{}H{}Lq{}Lk{}D{}{}".format(*s[:5], "c" * s[5]))
+def test_attention(shape, dtype):
+    B, H, Lq, Lk, D, causal = shape
+    # The engine's layout: heads split off [B, L, H*D] projections as strided views.
+    q = randn(B, Lq, H, D, dtype=dtype).transpose(1, 2)
+    k, v = (randn(B, Lk, H, D, dtype=dtype).transpose(1, 2) for _ in range(2))
+    out = attention_triton(q, k, v, causal=causal)
+    torch_out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert_close(out, attention_f64(q, k, v, causal), torch_out, dtype, f"attention {shape} {dtype}")
+
+
+def test_vae_attention_takes_the_reference():
+    q, k, v = (randn(1, 4096, 1, 512, dtype=torch.float16).transpose(1, 2) for _ in range(3))
+    with kernels.backend("auto"):
+        out = kernels.attention(q, k, v)
+    torch_out = F.scaled_dot_product_attention(q, k, v)
+    assert_close(out, attention_f64(q, k, v), torch_out, torch.float16, "VAE mid-block attention, D = 512")
+
+
+# --------------------------------------------------------------------------------------- group norm
+
+
+def group_norm_f64(x, num_groups, weight, bias, eps=1e-5):
+    N, C = x.shape[:2]
+    xg = x.double().reshape(N, num_groups, -1)
+    y = ((xg - xg.mean(-1, keepdim=True)) / torch.sqrt(xg.var(-1, unbiased=False, keepdim=True) + eps)).reshape(x.shape)
+    y = y * weight.double().view(1, C, 1, 1) + bias.double().view(1, C, 1, 1)
+    return y * torch.sigmoid(y)
+
+
+GROUP_NORM_SHAPES = [
+    # UNet (32 groups of 10 / 20 / 40 channels, and the skip-concatenations' 30 / 60 / 80)
+    (2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8),
+    (2, 960, 32, 32), (2, 1920, 16, 16), (2, 2560, 8, 8),
+    # VAE decoder at 512x512 (32 groups of 16 / 8 / 4 channels, about a million elements each)
+    (1, 512, 64, 64), (1, 512, 128, 128), (1, 512, 256, 256), (1, 256, 512, 512), (1, 128, 512, 512),
+    (1, 512, 512, 512),
+]
+
+
+def check_group_norm(shape, dtype, channels_last):
+    x = (randn(*shape) * 2 + 1).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight, bias = randn(shape[1], dtype=dtype), randn(shape[1], dtype=dtype)
+    y = group_norm_triton(x, 32, weight, bias, 1e-5, silu=True)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=memory_format), f"output strides {y.stride()} lost the input's memory format"
+    torch_out = F.silu(F.group_norm(x, 32, weight, bias, 1e-5))
+    what = f"group_norm+silu {shape} {dtype} channels_last={channels_last}"
+    assert_close(y, group_norm_f64(x, 32, weight, bias), torch_out, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GROUP_NORM_SHAPES, ids=str)
+def test_group_norm_silu(shape, dtype):
+    check_group_norm(shape, dtype, channels_last=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 1280, 8, 8), (2, 1920, 16, 16), (1, 512, 128, 128)], ids=str)
+def test_group_norm_silu_channels_last(shape, dtype):
+    check_group_norm(shape, dtype, channels_last=True)
+
+
+# -------------------------------------------------------------------------------------- guided step
+
+
+def eager_step(model_out, x, coef, guidance_scale, extra, noise):
+    """The unfused sequence a sampler would run, in the tensors' own dtypes."""
+    a, b, c, s, d, e = coef.to(x.dtype).unbind()
+    uncond, cond = model_out.to(x.dtype).chunk(2)
+    eps = uncond + guidance_scale * (cond - uncond)
+    return a * x + b * eps + c * extra + s * noise, d * x + e * eps
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_guided_step(dtype):
+    x, extra, noise = (randn(1, 4, 64, 64, dtype=dtype) for _ in range(3))
+    model_out = randn(2, 4, 64, 64, dtype=torch.float16)
+    coef = torch.rand(6, device="cuda") + 0.5
+    x_next, extra_next = guided_step_triton(model_out, x, coef, 7.5, extra, noise)
+    ref = [t.double() for t in (model_out, x, extra, noise)]
+    a, b, c, s, d, e = coef.double().unbind()
+    uncond, cond = ref[0].chunk(2)
+    eps = uncond + 7.5 * (cond - uncond)
+    torch_x, torch_extra = eager_step(model_out, x, coef, 7.5, extra, noise)
+    assert_close(x_next, a * ref[1] + b * eps + c * ref[2] + s * ref[3], torch_x, dtype, f"guided_step x_next {dtype}")
+    assert_close(extra_next, d * ref[1] + e * eps, torch_extra, dtype, f"guided_step extra_next {dtype}")
+
+
+def test_guided_step_replays_in_a_cuda_graph():
+    # The coefficients are read on the device, so a captured step picks up new values on replay.
+    x, model_out = randn(1, 4, 64, 64), randn(2, 4, 64, 64, dtype=torch.float16)
+    coef = torch.ones(6, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        guided_step_triton(model_out, x, coef, 7.5)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x_next, _ = guided_step_triton(model_out, x, coef, 7.5)
+    new_coef = torch.tensor([0.9, -0.3, 0.0, 0.0, 0.0, 0.0], device="cuda")
+    coef.copy_(new_coef)
+    graph.replay()
+    torch.cuda.synchronize()
+    uncond, cond = model_out.double().chunk(2)
+    ref = 0.9 * x.double() - 0.3 * (uncond + 7.5 * (cond - uncond))
+    err = rel_err(x_next, ref)
+    assert err <= 1e-5, f"replayed step with new coefficients: relative error {err:.2e} > 1e-5"
