@@ -72,7 +72,9 @@ ATTENTION_SHAPES = [
     (2, 8, 64, 77, 160, False),
     (2, 5, 4096, 4096, 64, False),
     (2, 12, 77, 77, 64, True),
-    (1, 3, 333, 129, 33, True),
+    (1, 3, 333, 129, 33, True),  # awkward: odd lengths, odd head dim, causal with Lq > Lk
+    (2, 4, 100, 77, 20, False),
+    (1, 2, 1, 1, 64, False),
 ]
 
 

@@ -1,0 +1,168 @@
+"""Kernel benchmarks at SD1.5's 512x512 shapes: tritonsd's Triton kernels against PyTorch's own
+implementations of the same op, on the same GPU, in the same run.
+
+    python bench/kernels.py [--json OUT.json] [--dtype float16] [--only attention,group_norm,step]
+
+- attention: batch 2 (guidance), 8 heads, self-attention at L = 4096 / 1024 / 256 / 64 with
+  D = 40 / 80 / 160 / 160 and cross-attention to 77 tokens, in the engine's layout (heads split off
+  [B, L, H*D] as strided views); against SDPA with each of its FLASH_ATTENTION,
+  EFFICIENT_ATTENTION and CUDNN_ATTENTION backends (one that refuses the input is skipped).
+  TFLOP/s = 4 * B * H * Lq * Lk * D / time.
+- group_norm: GroupNorm(32) + SiLU on the UNet's and the VAE decoder's activations, against
+  F.silu(F.group_norm(...)). GB/s counts one read of x and one write of y.
+- step: guidance + sampler update on [1, 4, 64, 64] latents (float32; float16 UNet output; with
+  extra and noise), against the same arithmetic in eager PyTorch. GB/s counts each input read once
+  and each output written once.
+
+Times are medians of triton.testing.do_bench after warm-up; inputs are random normal.
+"""
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+# Run as a script, this file's directory comes first on sys.path and its name would shadow the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from kernels.attention import attention_triton  # noqa: E402
+from kernels.group_norm import group_norm_triton  # noqa: E402
+from kernels.guided_step import guided_step_triton  # noqa: E402
+
+OPS = ("attention", "group_norm", "step")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+ATTENTION_SHAPES = [(2, 8, lq, lk, d) for lq, d in ((4096, 40), (1024, 80), (256, 160), (64, 160)) for lk in (lq, 77)]
+GROUP_NORM_SHAPES = [
+    (2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8),
+    (1, 512, 64, 64), (1, 512, 128, 128), (1, 512, 256, 256), (1, 256, 512, 512), (1, 128, 512, 512),
+    (1, 512, 512, 512),
+]
+STEP_SHAPE = (1, 4, 64, 64)
+
+
+def time_ms(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def bench_attention(dtype):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
+    for B, H, Lq, Lk, D in ATTENTION_SHAPES:
+        q = torch.randn(B, Lq, H, D, device="cuda", dtype=dtype).transpose(1, 2)
+        k, v = (torch.randn(B, Lk, H, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(2))
+        flop = 4 * B * H * Lq * Lk * D
+        times = {"triton": time_ms(lambda: attention_triton(q, k, v))}
+        for name, sdp_backend in backends.items():
+            try:
+                with sdpa_kernel(sdp_backend), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    times[name] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+            except RuntimeError:
+                times[name] = None
+        kind = "self" if Lq == Lk else "cross"
+        yield {"op": "attention", "case": f"{kind} Lq={Lq} Lk={Lk} D={D}", "shape": [B, H, Lq, Lk, D],
+               "unit": "TFLOP/s", "times_ms": times, "work": flop / 1e12}
+
+
+def bench_group_norm(dtype):
+    for shape in GROUP_NORM_SHAPES:
+        x = torch.randn(shape, device="cuda", dtype=dtype)
+        weight, bias = (torch.randn(shape[1], device="cuda", dtype=dtype) for _ in range(2))
+        times = {
+            "triton": time_ms(lambda: group_norm_triton(x, 32, weight, bias, 1e-5, silu=True)),
+            "torch": time_ms(lambda: F.silu(F.group_norm(x, 32, weight, bias, 1e-5))),
+        }
+        yield {"op": "group_norm+silu", "case": "x".join(map(str, shape)), "shape": list(shape),
+               "unit": "GB/s", "times_ms": times, "work": 2 * x.numel() * x.element_size() / 1e9}
+        del x
+
+
+def bench_step(dtype):
+    B = STEP_SHAPE[0]
+    x, extra, noise = (torch.randn(STEP_SHAPE, device="cuda") for _ in range(3))
+    model_out = torch.randn(2 * B, *STEP_SHAPE[1:], device="cuda", dtype=dtype)
+    coef = torch.rand(6, device="cuda") + 0.5
+    g = 7.5
+
+    def eager():
+        a, b, c, s, d, e = coef.unbind()
+        uncond, cond = model_out.float().chunk(2)
+        eps = uncond + g * (cond - uncond)
+        return a * x + b * eps + c * extra + s * noise, d * x + e * eps
+
+    times = {
+        "triton": time_ms(lambda: guided_step_triton(model_out, x, coef, g, extra, noise)),
+        "torch_eager": time_ms(eager),
+    }
+    nbytes = model_out.numel() * model_out.element_size() + 5 * x.numel() * x.element_size()
+    yield {"op": "guided_step", "case": "x".join(map(str, STEP_SHAPE)) + " cfg+extra+noise",
+           "shape": list(STEP_SHAPE), "unit": "GB/s", "times_ms": times, "work": nbytes / 1e9}
+
+
+def summarize(result: dict) -> dict:
+    times = result["times_ms"]
+    result["rate"] = {name: (result["work"] / (ms * 1e-3) if ms else None) for name, ms in times.items()}
+    others = {name: ms for name, ms in times.items() if name != "triton" and ms}
+    if others:
+        best = min(others, key=others.get)
+        result["best_torch"] = best
+        result["speedup_vs_best_torch"] = others[best] / times["triton"]
+    return result
+
+
+def print_row(result: dict) -> None:
+    cells = []
+    for name, ms in result["times_ms"].items():
+        cells.append(f"{name} {ms:8.4f} ms {result['rate'][name]:8.1f}" if ms else f"{name} {'n/a':>8}")
+    speedup = result.get("speedup_vs_best_torch")
+    ratio = f"x{speedup:5.2f} vs {result['best_torch']}" if speedup else ""
+    print(f"{result['op']:<16} {result['case']:<28} {ratio:<26} " + " | ".join(cells), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="activation dtype")
+    parser.add_argument("--only", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    args = parser.parse_args(argv)
+    ops = [op.strip() for op in args.only.split(",") if op.strip()]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown or not ops:
+        parser.error(f"--only takes a comma-separated subset of {','.join(OPS)}; got {args.only!r}")
+    if not torch.cuda.is_available():
+        print("bench/kernels.py: needs a CUDA GPU, and torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    device = torch.cuda.get_device_name()
+    print(f"{device}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}; "
+          "rates in TFLOP/s (attention) or GB/s; xN = best PyTorch time / Triton time")
+    runners = {"attention": bench_attention, "group_norm": bench_group_norm, "step": bench_step}
+    results = []
+    for op in ops:
+        for result in runners[op](dtype):
+            results.append(summarize(result))
+            print_row(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        report = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+                  "cuda": torch.version.cuda, "dtype": args.dtype, "results": results}
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""pytest-benchmark timings of the kernels at a few SD1.5 shapes (CUDA only; bench/kernels.py has the full table).
+
+    python -m pytest bench/test_bench_kernels.py
+"""
+
+import sys
+from pathlib import Path
+
+# pytest puts this folder first on sys.path, where kernels.py (the benchmark script) would shadow the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels.attention import attention_triton  # noqa: E402
+from kernels.group_norm import group_norm_triton  # noqa: E402
+from kernels.guided_step import guided_step_triton  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def bench(benchmark, fn):
+    fn()  # compile outside the timing
+    torch.cuda.synchronize()
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synced, rounds=50, warmup_rounds=5)
+
+
+@pytest.mark.parametrize("lq,lk,d", [(4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80), (256, 256, 160)])
+def test_attention(benchmark, lq, lk, d):
+    q = torch.randn(2, lq, 8, d, device="cuda", dtype=torch.float16).transpose(1, 2)
+    k, v = (torch.randn(2, lk, 8, d, device="cuda", dtype=torch.float16).transpose(1, 2) for _ in range(2))
+    bench(benchmark, lambda: attention_triton(q, k, v))
+
+
+@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 1280, 16, 16), (1, 128, 512, 512)], ids=str)
+def test_group_norm_silu(benchmark, shape):
+    x = torch.randn(shape, device="cuda", dtype=torch.float16)
+    weight, bias = (torch.randn(shape[1], device="cuda", dtype=torch.float16) for _ in range(2))
+    bench(benchmark, lambda: group_norm_triton(x, 32, weight, bias, 1e-5, silu=True))
+
+
+def test_guided_step(benchmark):
+    x, extra = torch.randn(1, 4, 64, 64, device="cuda"), torch.randn(1, 4, 64, 64, device="cuda")
+    model_out = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
+    coef = torch.rand(6, device="cuda") + 0.5
+    bench(benchmark, lambda: guided_step_triton(model_out, x, coef, 7.5, extra))
