@@ -1,0 +1,127 @@
+"""Tensor names of the formats people have, mapped onto the engine's.
+
+The engine's names are the original CompVis checkpoint's under three prefixes, so an original single file maps by
+prefix alone. The diffusers layout renames blocks and counts them differently; its mapping is a table of rules, each a
+block pattern whose indices are rewritten by a little arithmetic, plus the renamed leaf modules inside such a block.
+"""
+
+import re
+from collections.abc import Callable
+
+import torch
+
+ORIGINAL_PREFIXES = [
+    ("model.diffusion_model.", "unet."),
+    ("first_stage_model.", "vae."),
+    ("cond_stage_model.transformer.text_model.", "text_encoder."),
+    ("cond_stage_model.transformer.", "text_encoder."),  # older files, written before CLIPTextModel had text_model.
+]
+
+# Entries that are not weights of the three networks: EMA copies, the training noise schedule at top level, the
+# VAE's training loss, and CLIP's position_ids (an arange, rebuilt by the engine).
+IGNORED = re.compile(
+    r"model_ema\..*|first_stage_model\.loss\..*|.*position_ids"
+    r"|betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+|logvar"
+)
+
+
+def from_original(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original single-file names -> engine names. Unknown names pass through, to be reported as unexpected."""
+    state = {}
+    for key, t in raw.items():
+        if IGNORED.fullmatch(key):
+            continue
+        for old, new in ORIGINAL_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        state[key] = t
+    return state
+
+
+# Leaf modules that diffusers renames inside a block; everything else in a block keeps its name.
+UNET_RESNET = {
+    "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+}
+VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION = {  # current diffusers names, then the older ones
+    "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+    "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out",
+}
+
+Rule = tuple[str, Callable[..., str], dict[str, str]]
+
+
+def unet_rules(res_blocks: int, up_attention: set[int]) -> list[Rule]:
+    """Diffusers groups the UNet by level (down_blocks.i.resnets.j); the original numbers its steps in one sequence:
+    input_blocks.0 is conv_in, then each level's res_blocks steps and a downsampler; each up level has one step more."""
+    r = res_blocks
+    return [
+        (r"conv_in", lambda: "input_blocks.0.0", {}),
+        (r"time_embedding\.linear_(\d)", lambda n: f"time_embed.{2 * (n - 1)}", {}),
+        (r"down_blocks\.(\d+)\.resnets\.(\d+)", lambda i, j: f"input_blocks.{1 + i * (r + 1) + j}.0", UNET_RESNET),
+        (r"down_blocks\.(\d+)\.attentions\.(\d+)", lambda i, j: f"input_blocks.{1 + i * (r + 1) + j}.1", {}),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.conv", lambda i: f"input_blocks.{(i + 1) * (r + 1)}.0.op", {}),
+        (r"mid_block\.resnets\.(\d)", lambda j: f"middle_block.{2 * j}", UNET_RESNET),
+        (r"mid_block\.attentions\.0", lambda: "middle_block.1", {}),
+        (r"up_blocks\.(\d+)\.resnets\.(\d+)", lambda i, j: f"output_blocks.{i * (r + 1) + j}.0", UNET_RESNET),
+        (r"up_blocks\.(\d+)\.attentions\.(\d+)", lambda i, j: f"output_blocks.{i * (r + 1) + j}.1", {}),
+        # The upsampler shares the level's last step, after its attention if it has one.
+        (r"up_blocks\.(\d+)\.upsamplers\.0",
+         lambda i: f"output_blocks.{i * (r + 1) + r}.{2 if i in up_attention else 1}", {}),
+        (r"conv_norm_out", lambda: "out.0", {}),
+        (r"conv_out", lambda: "out.2", {}),
+    ]
+
+
+def vae_rules(levels: int) -> list[Rule]:
+    """The decoder's levels run the other way round in diffusers: up_blocks.0 is the smallest resolution."""
+    return [
+        (r"(encoder|decoder)\.conv_norm_out", lambda part: f"{part}.norm_out", {}),
+        (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)", lambda i, j: f"encoder.down.{i}.block.{j}", VAE_RESNET),
+        (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", lambda i: f"encoder.down.{i}.downsample", {}),
+        (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)", lambda i, j: f"decoder.up.{levels - 1 - i}.block.{j}", VAE_RESNET),
+        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0", lambda i: f"decoder.up.{levels - 1 - i}.upsample", {}),
+        (r"(encoder|decoder)\.mid_block\.resnets\.(\d)", lambda part, j: f"{part}.mid.block_{j + 1}", VAE_RESNET),
+        (r"(encoder|decoder)\.mid_block\.attentions\.0", lambda part: f"{part}.mid.attn_1", VAE_ATTENTION),
+    ]
+
+
+def _rename(key: str, rules: list[Rule]) -> str:
+    for pattern, target, leaves in rules:
+        m = re.fullmatch(pattern + r"\.(?:(.+)\.)?(\w+)", key)
+        if m:
+            *indices, module, param = m.groups()
+            block = target(*(int(i) if i.isdigit() else i for i in indices))
+            return ".".join(filter(None, (block, leaves.get(module, module), param)))
+    return key
+
+
+def _count(keys, pattern: str) -> int:
+    """How many distinct indices the (\\d+) in pattern takes among keys."""
+    return len({m.group(1) for k in keys if (m := re.match(pattern, k))})
+
+
+def from_diffusers(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{unet, vae, text_encoder: diffusers/transformers names} -> engine names. Block counts are read off the keys;
+    unknown names pass through under their part's prefix, to be reported as unexpected."""
+    unet, vae, text = parts["unet"], parts["vae"], parts["text_encoder"]
+    res_blocks = _count(unet, r"down_blocks\.0\.resnets\.(\d+)\.")
+    up_attention = {int(m.group(1)) for k in unet if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    rules = unet_rules(res_blocks, up_attention)
+    state = {f"unet.{_rename(k, rules)}": t for k, t in unet.items()}
+
+    rules = vae_rules(_count(vae, r"decoder\.up_blocks\.(\d+)\."))
+    for k, t in vae.items():
+        k = _rename(k, rules)
+        # Diffusers stores the VAE attention projections as Linear weights; the original has 1x1 convolutions.
+        if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", k) and t.ndim == 2:
+            t = t[:, :, None, None]
+        state[f"vae.{k}"] = t
+
+    # transformers writes CLIPTextModel with or without the text_model. prefix, depending on its version.
+    for k, t in text.items():
+        if not IGNORED.fullmatch(k):
+            state["text_encoder." + k.removeprefix("text_model.")] = t
+    return state

@@ -1,0 +1,115 @@
+"""Reading tensors off disk: safetensors files, PyTorch pickles (weights only, never code) and diffusers folders."""
+
+import codecs
+import json
+import pickle
+from pathlib import Path
+
+import safetensors
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+# What diffusers and transformers call a part's weights, best first: safetensors before pickles, full before fp16.
+WEIGHT_FILES = [
+    f"{stem}{variant}.{ext}"
+    for ext in ("safetensors", "bin")
+    for stem in ("diffusion_pytorch_model", "model", "pytorch_model")
+    for variant in ("", ".fp16")
+]
+DIFFUSERS_PARTS = ("unet", "vae", "text_encoder")
+
+
+def _kind(path: Path) -> str:
+    """What the file's first bytes say it is; the extension is not trusted (files get renamed)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if len(head) > 8 and head[8:9] == b"{":
+        return "safetensors"
+    if not head:
+        return "an empty file"
+    for magic, name in ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GGUF", "a GGUF file")):
+        if head.startswith(magic):
+            return name
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # tolerates a character cut at byte 16
+    except UnicodeDecodeError:
+        return "unrecognised binary data"
+    return "a text file" if all(c.isprintable() or c.isspace() for c in text) else "unrecognised binary data"
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+
+def _read_safetensors(path: Path, dtype: torch.dtype | None, device) -> tuple[dict, dict]:
+    # Mapped, so nothing is read until used and the pages are the OS file cache's: without a cast the weights are
+    # never copied; with one, the cast copies are the only ones in the process's own memory.
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        return {k: _cast(f.get_tensor(k), dtype, device) for k in f.keys()}, f.metadata() or {}
+
+
+def read_file(path: Path, dtype: torch.dtype | None = None, device="cpu") -> tuple[dict, dict]:
+    """One file's tensors under their stored names, and its metadata (safetensors header; {} for pickles)."""
+    kind = _kind(path)
+    if kind == "safetensors":
+        try:
+            return _read_safetensors(path, dtype, device)
+        except (safetensors.SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot read the safetensors file, it is truncated or corrupt ({e})") from None
+    if kind not in ("zip", "pickle"):
+        raise CheckpointError(f"{path}: not a checkpoint: it is {kind}, neither safetensors nor a PyTorch pickle")
+    try:
+        # mmap leaves tensors in the file until they are used; only the zip format supports it.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(f"{path}: cannot read the pickle, it is truncated or corrupt ({e})") from None
+        raise CheckpointError(
+            f"{path}: the file contains pickled code or objects that are not plain tensors; it was not loaded, "
+            "for safety (loading it could run that code). Convert it to .safetensors with a tool you trust."
+        ) from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the PyTorch file, it is truncated or corrupt ({e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    # Training checkpoints keep counters (global_step, epoch) beside the weights.
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError(f"{path}: holds no tensors (keys: {', '.join(map(str, list(obj)[:10]))})")
+    del obj
+    for k in state:  # in place, so each original is released as soon as it is cast
+        state[k] = _cast(state[k], dtype, device)
+    return state, {}
+
+
+def read_diffusers(folder: Path, dtype: torch.dtype | None = None, device="cpu") -> tuple[dict, dict]:
+    """{part: tensors under diffusers/transformers names} and {part: its config.json}."""
+    missing = [p for p in DIFFUSERS_PARTS if not (folder / p).is_dir()]
+    if len(missing) == len(DIFFUSERS_PARTS):
+        raise CheckpointError(
+            f"{folder}: a folder, but not a diffusers model: it has none of the subfolders {', '.join(DIFFUSERS_PARTS)}"
+        )
+    if missing:
+        raise CheckpointError(f"{folder}: incomplete diffusers folder: missing subfolder(s) {', '.join(missing)}")
+    parts, configs = {}, {}
+    for part in DIFFUSERS_PARTS:
+        config_file = folder / part / "config.json"
+        try:
+            configs[part] = json.loads(config_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{config_file}: cannot read the part's config ({e})") from None
+        weights = next((folder / part / name for name in WEIGHT_FILES if (folder / part / name).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{folder / part}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+        parts[part], _ = read_file(weights, dtype, device)
+    return parts, configs
