@@ -21,9 +21,20 @@ from loader.convert import from_diffusers, from_original
 from loader.formats import CheckpointError, read_diffusers, read_file
 from loader.infer import architecture, config_from_diffusers, infer_config
 
-__all__ = ["CheckpointError", "load_state_dict", "infer_config", "load", "save", "describe"]
+__all__ = ["CheckpointError", "default_model", "load_state_dict", "infer_config", "load", "save", "describe"]
 
 FORMAT_TAG = "tritonsd"
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "engine" / "data" / "demo" / "demo.safetensors"
+
+
+def default_model() -> Path:
+    """The small demo model shipped inside the package, used when no checkpoint is named."""
+    if not DEMO_MODEL.is_file():
+        raise CheckpointError(
+            "no checkpoint given and the demo model is not installed with this copy of tritonsd; "
+            "point it at an SD1.x checkpoint (Pipeline.from_checkpoint(PATH), or --model PATH on the command line)"
+        )
+    return DEMO_MODEL
 
 
 def _read(path: Path, dtype: torch.dtype | None, device) -> tuple[str, dict, dict]:

@@ -1,0 +1,145 @@
+"""The engine against the ecosystem's own code on the same weights: transformers' CLIPTextModel, diffusers' UNet,
+AutoencoderKL and whole StableDiffusion(Img2Img)Pipeline runs. The diffusers side is produced from the original
+single-file checkpoint by diffusers' own conversion functions (tests/tiny.py), never by our converter."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.pipeline import Pipeline
+from engine.samplers import SAMPLERS
+from tiny import TINY, random_state, write_diffusers_folder, write_single_file
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+SCHEDULERS = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+SD15_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False, "skip_prk_steps": True, "trained_betas": None,
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    state = random_state(TINY, seed=0)
+    single = root / "tiny.safetensors"
+    ckpt = write_single_file(single, state)
+    folder = root / "tiny-diffusers"
+    write_diffusers_folder(folder, ckpt, TINY)
+    return single, folder
+
+
+@pytest.fixture(scope="module")
+def ours(checkpoints):
+    return Pipeline.from_checkpoint(checkpoints[0], config=TINY)
+
+
+@pytest.fixture(scope="module")
+def theirs(checkpoints):
+    folder = checkpoints[1]
+    return dict(
+        unet=diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").eval(),
+        vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae").eval(),
+        text_encoder=transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77),
+    )
+
+
+def test_text_encoder_matches_transformers(ours, theirs):
+    ids = ours.tokenizer(["a photograph of an astronaut riding a horse", "", "x " * 100])
+    with torch.no_grad():
+        want = theirs["text_encoder"](ids).last_hidden_state
+        got = ours.text_encoder(ids)
+    assert rel_err(got, want) <= 1e-4, f"text encoder rel err {rel_err(got, want):.2e} > 1e-4"
+
+
+@pytest.mark.parametrize("size", [(16, 16), (13, 9)], ids=["16x16", "odd-13x9"])
+def test_unet_matches_diffusers(ours, theirs, size):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, *size, generator=g)
+    t = torch.tensor([1.0, 500.0, 999.0])
+    context = torch.randn(3, 77, TINY.unet.context_dim, generator=g)
+    with torch.no_grad():
+        want = theirs["unet"](x, t, context).sample
+        got = ours.unet(x, t, context)
+    assert rel_err(got, want) <= 1e-4, f"UNet rel err {rel_err(got, want):.2e} > 1e-4 at latent size {size}"
+
+
+@pytest.mark.parametrize("size", [(32, 32), (24, 40)])
+def test_vae_matches_diffusers(ours, theirs, size):
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, *size, generator=g) * 2 - 1
+    with torch.no_grad():
+        posterior = theirs["vae"].encode(x).latent_dist
+        mean, logvar = ours.vae.encode(x)
+        z = torch.randn(2, 4, size[0] // 2, size[1] // 2, generator=g)
+        want_image = theirs["vae"].decode(z).sample
+        got_image = ours.vae.decode(z)
+    for name, got, want in (("mean", mean, posterior.mean), ("logvar", logvar, posterior.logvar), ("decode", got_image, want_image)):
+        assert rel_err(got, want) <= 1e-4, f"VAE {name} rel err {rel_err(got, want):.2e} > 1e-4 at image size {size}"
+    assert ours.vae.scaling_factor == theirs["vae"].config.scaling_factor
+
+
+def diffusers_pipeline(theirs, sampler: str, img2img: bool):
+    cls_name, extra = SCHEDULERS[sampler]
+    scheduler = getattr(diffusers, cls_name).from_config({**SD15_SCHEDULER_CONFIG, **extra})
+    cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
+    pipe = cls(**theirs, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CASES = [(s, 7.5, 1) for s in SAMPLERS] + [("euler", 1.0, 1), ("dpmpp_2m", 1.0, 2), ("euler_a", 5.0, 2), ("ddim", 3.0, 2)]
+
+
+@pytest.mark.parametrize("sampler,guidance,batch", CASES)
+def test_txt2img_matches_diffusers(ours, theirs, sampler, guidance, batch):
+    args = dict(negative_prompt=["blurry", ""], num_inference_steps=6, guidance_scale=guidance, height=32, width=40)
+    prompts = ["a red circle on a blue background", "a small yellow square"]
+    want = diffusers_pipeline(theirs, sampler, img2img=False)(
+        prompts, num_images_per_prompt=batch, output_type="np", generator=torch.Generator("cpu").manual_seed(7), **args
+    ).images
+    got = ours.txt2img(
+        prompts, negative_prompt=args["negative_prompt"], steps=6, guidance_scale=guidance, sampler=sampler, seed=7,
+        width=40, height=32, batch_size=batch, output_type="np",
+    )
+    assert got.shape == want.shape, f"image batch shape {got.shape} != diffusers' {want.shape}"
+    value = psnr(got, want)
+    assert value >= 40.0, f"{sampler} cfg={guidance} batch={batch}: PSNR {value:.1f} dB against diffusers < 40 dB"
+
+
+@pytest.mark.parametrize("sampler,strength", [(s, 0.6) for s in SAMPLERS] + [("euler", 1.0), ("ddim", 0.3)])
+def test_img2img_matches_diffusers(ours, theirs, sampler, strength):
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (37, 45, 3), dtype=np.uint8))  # odd sides: resized down
+    want = diffusers_pipeline(theirs, sampler, img2img=True)(
+        "a green triangle", image=image, strength=strength, num_inference_steps=8, guidance_scale=7.5,
+        num_images_per_prompt=2, output_type="np", generator=torch.Generator("cpu").manual_seed(11),
+    ).images
+    got = ours.img2img(
+        image, "a green triangle", strength=strength, steps=8, guidance_scale=7.5, sampler=sampler, seed=11,
+        batch_size=2, output_type="np",
+    )
+    assert got.shape == want.shape, f"image batch shape {got.shape} != diffusers' {want.shape}"
+    value = psnr(got, want)
+    assert value >= 40.0, f"img2img {sampler} strength={strength}: PSNR {value:.1f} dB against diffusers < 40 dB"
