@@ -382,13 +382,11 @@ def test_cuda_without_cuda_is_refused(capsys, bad_files):
     assert "CUDA is not available" in stderr
 
 
-def test_missing_demo_model_asks_for_model(capsys, tmp_path, monkeypatch):
-    def no_demo_model():
-        raise loader.CheckpointError("no demo model is installed; pass --model PATH")
-
-    monkeypatch.setattr(loader, "default_model", no_demo_model, raising=False)
+@pytest.mark.skipif(loader.DEMO_MODEL.is_file(), reason="the demo model is installed")
+def test_missing_demo_model_asks_for_model(capsys, tmp_path):
     _, stderr = cli_fails(capsys, "txt2img", "a cube", "-o", tmp_path / "a.png", *FAST)
-    assert stderr == "tritonsd: error: no demo model is installed; pass --model PATH\n"
+    assert "demo model is not installed" in stderr and "--model PATH" in stderr, stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("argv, message", [
