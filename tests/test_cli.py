@@ -126,17 +126,20 @@ def test_txt2img_writes_a_png_that_records_its_settings(capsys, model, tmp_path,
     }
 
 
-def test_img2img_writes_the_input_size_down_to_multiples_of_8(capsys, model, tmp_path):
+def test_img2img_writes_the_input_size_down_to_the_vae_multiple(capsys, model, tmp_path):
     source = tmp_path / "in.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 44, 3), dtype=np.uint8)).save(source)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (31, 45, 3), dtype=np.uint8)).save(source)
     out = tmp_path / "out.png"
     cli(capsys, "img2img", source, "a watercolor", "--strength", 0.5, "--steps", 4, "--seed", 9, "--model", model,
         "-o", out, "--device", "cpu")
+    factor = 2 ** (len(TINY.vae.ch_mult) - 1)  # 8 for SD 1.x
+    expected = (45 - 45 % factor, 31 - 31 % factor)
     with Image.open(out) as im:
-        assert im.size == (40, 24), f"44x30 input gave {im.size}, expected 40x24"
+        assert im.size == expected, f"45x31 input gave {im.size}, expected {expected}"
     settings = parse_parameters(parameters(out))
     assert "Denoising strength: 0.5" in parameters(out)
-    assert (settings["strength"], settings["steps"], settings["seed"], settings["width"], settings["height"]) == (0.5, 4, 9, 40, 24)
+    assert (settings["strength"], settings["steps"], settings["seed"]) == (0.5, 4, 9)
+    assert (settings["width"], settings["height"]) == expected
 
 
 def test_batch_option_writes_one_file_per_image_with_its_position(capsys, model, tmp_path):

@@ -35,8 +35,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str, status: int = 2):
-    print(f"tritonsd: error: {message}", file=sys.stderr)
+    _say(f"tritonsd: error: {message}", sys.stderr)
     raise SystemExit(status)
+
+
+def _say(text, file=None) -> None:
+    """One write per line: torchrun's ranks share an unbuffered stdout and stderr, where print() writes the
+    newline apart and another rank's line can land in between."""
+    file = file or sys.stdout
+    file.write(f"{text}\n")
+    file.flush()
 
 
 def _device_arg(value: str) -> str:
@@ -132,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         _fail(str(e), status=1)
     except KeyboardInterrupt:
-        print("tritonsd: interrupted", file=sys.stderr)
+        _say("tritonsd: interrupted", sys.stderr)
         raise SystemExit(130)
 
 
@@ -252,9 +260,9 @@ def _generate(args, run, strength: float | None = None) -> None:
             batch_size=args.batch, batch_pos=i,
         )
         _save_png(image, out, parameters)
-        print(out)
+        _say(out)
     if not args.quiet:
-        print(f"seed {seed}: " + model.summary(f"{len(images)} image(s), {steps} steps", steps, seconds), file=sys.stderr)
+        _say(f"seed {seed}: " + model.summary(f"{len(images)} image(s), {steps} steps", steps, seconds), sys.stderr)
 
 
 def _read_prompts(path: str) -> list[tuple[int, str]]:
@@ -310,9 +318,8 @@ def _batch(args) -> None:
                 width=image.width, height=image.height, model_hash=model.hash, model=model.name,
             )
             _save_png(image, target(n), parameters)
-            # The bar steps aside for the line; one write per line, so ranks sharing stdout never split one.
-            with tqdm.external_write_mode(file=sys.stdout):
-                print(target(n), flush=True)
+            with tqdm.external_write_mode(file=sys.stdout):  # the bar steps aside for the line
+                _say(target(n))
         seconds = time.perf_counter() - start
         if world > 1:
             dist.barrier()
@@ -322,7 +329,7 @@ def _batch(args) -> None:
     if not args.quiet:
         who = f"rank {rank}/{world}: " if world > 1 else ""
         done = f"{len(mine)} new image(s) ({len(prompts) - len(pending)} already in {out}), {steps} steps each"
-        print(who + model.summary(done, steps * len(mine), max(seconds, 1e-9)), file=sys.stderr)
+        _say(who + model.summary(done, steps * len(mine), max(seconds, 1e-9)), sys.stderr)
 
 
 def _convert(args) -> None:
@@ -334,15 +341,15 @@ def _convert(args) -> None:
     start = time.perf_counter()
     model, _ = loader.load(src, device="cpu", dtype=dtype, config=config)
     loader.save(model, model.config, dst, dtype=dtype)
-    print(dst)
-    print(f"converted {src} to {args.dtype} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    _say(dst)
+    _say(f"converted {src} to {args.dtype} in {time.perf_counter() - start:.1f} s", sys.stderr)
 
 
 def _info(args) -> None:
     """Print what the file holds; exit 2 with the reason when it is not a loadable SD 1.x checkpoint."""
     d = loader.describe(args.ckpt)
     if args.json:
-        print(json.dumps(d, indent=2))
+        _say(json.dumps(d, indent=2))
     else:
         rows = [
             ("format", d["format"]),
@@ -355,9 +362,9 @@ def _info(args) -> None:
             rows.append((f"config.{part}", " ".join(f"{k}={v}" for k, v in fields.items())))
         if d["config"]:
             rows += [(key, _listing(d[key])) for key in ("missing", "unexpected", "wrong_shape")]
-        print(d["path"])
+        _say(d["path"])
         for key, value in rows:
-            print(f"  {key:<14}{value}")
+            _say(f"  {key:<14}{value}")
     if d["architecture"] != "SD1.x":
         raise ValueError(f"{d['path']}: not a Stable Diffusion 1.x checkpoint: {d['evidence']}")
     if d["problem"]:
