@@ -21,6 +21,8 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int = 768
     norm_groups: int = 32
+    # Latent side the model was trained at; the default image side is this times the VAE's factor (512 for SD1.x).
+    sample_size: int = 64
 
 
 @dataclass(frozen=True)

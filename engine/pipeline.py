@@ -28,6 +28,7 @@ class Pipeline:
         self.config: ModelConfig = model.config
         # Pixels per latent: the VAE halves the size at every level but the last.
         self.vae_scale = 2 ** (len(self.config.vae.ch_mult) - 1)
+        self.default_size = self.config.unet.sample_size * self.vae_scale
 
     @classmethod
     def from_checkpoint(
@@ -55,10 +56,13 @@ class Pipeline:
     @torch.inference_mode()
     def txt2img(
         self, prompt: str | list[str], negative_prompt: str | list[str] = "", steps: int = 30, guidance_scale: float = 7.5,
-        sampler: str = "euler", seed: int | None = None, width: int = 512, height: int = 512, batch_size: int = 1,
-        output_type: str = "pil", progress: bool = False,
+        sampler: str = "euler", seed: int | None = None, width: int | None = None, height: int | None = None,
+        batch_size: int = 1, output_type: str = "pil", progress: bool = False,
     ):
+        """width and height default to the size the model was trained at (512 for SD1.x)."""
         prompts, negatives = _prompt_lists(prompt, negative_prompt)
+        width = self.default_size if width is None else width
+        height = self.default_size if height is None else height
         for name, size in (("width", width), ("height", height)):
             if not isinstance(size, int) or size <= 0 or size % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {size!r}")

@@ -41,6 +41,11 @@ def test_width_and_height_follow_the_request(pipe):
     assert images[0].size == (24, 40)
 
 
+def test_default_size_is_the_models_own(pipe):
+    side = TINY.unet.sample_size * 2 ** (len(TINY.vae.ch_mult) - 1)
+    assert pipe.txt2img("a", seed=0, steps=1)[0].size == (side, side)
+
+
 def test_img2img_accepts_path_array_rgba_and_grayscale(pipe, tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (21, 27, 3), dtype=np.uint8)
     path = tmp_path / "in.png"

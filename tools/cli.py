@@ -82,8 +82,8 @@ def _add_generation_options(p: argparse.ArgumentParser, size: bool, files: bool)
     else:
         p.add_argument("--seed", type=int, default=0, help="line N of the file uses seed + N (default: 0)")
     if size:
-        p.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8 (default: 512)")
-        p.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8 (default: 512)")
+        p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's own, 512 for SD 1.x)")
+        p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's own, 512 for SD 1.x)")
     if files:
         p.add_argument("--batch", type=int, default=1, help="images drawn together from one seed (default: 1)")
         p.add_argument("-o", "--output", default="output.png", metavar="OUT.png",
@@ -152,8 +152,8 @@ def _check_generation(args, strength: float | None = None) -> int:
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     for name in ("width", "height"):
-        size = getattr(args, name, 8)
-        if size <= 0 or size % 8:
+        size = getattr(args, name, None)
+        if size is not None and (size <= 0 or size % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {size}")
     if getattr(args, "batch", 1) < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
