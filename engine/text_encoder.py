@@ -8,11 +8,20 @@ from engine.config import TextConfig
 from engine.layers import multihead_attention
 
 
+def _embedding(n: int, dim: int) -> nn.Embedding:
+    # nn.Embedding's own init calls normal_, which on the meta device first imports torch._dynamo (seconds of a
+    # checkpoint load); CLIP's initialisation (std 0.02) is applied only where there is storage.
+    weight = torch.empty(n, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight, std=0.02)
+    return nn.Embedding(n, dim, _weight=weight)
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_embedding = _embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = _embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
