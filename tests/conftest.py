@@ -1,11 +1,16 @@
 import os
 
-import torch
+# Tiny test models gain nothing from intra-op threads, and two busy-waiting thread pools on a small machine
+# (pytest beside a torchrun pair or another job) slow each other down many times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# Without CUDA, the Triton kernels run in Triton's interpreter on CPU tensors.
-# The switch is read when kernels are decorated, so it must be set before any
-# kernel module is imported. The engine itself defaults to the PyTorch
-# reference path in tests; tests that want the kernels ask for them.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+# Without CUDA, the Triton kernels run in Triton's interpreter on CPU tensors. The switch is read when kernels
+# are decorated, so it must be set before any kernel module is imported. The engine itself defaults to the
+# PyTorch reference path in tests; tests that want the kernels ask for them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITONSD_KERNELS", "torch")
