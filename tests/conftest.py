@@ -4,6 +4,7 @@ import os
 # (pytest beside a torchrun pair or another job) slow each other down many times over.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
@@ -14,3 +15,15 @@ torch.set_num_threads(1)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITONSD_KERNELS", "torch")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """torch.empty and empty_like return NaN-filled tensors, so an output element a kernel never writes fails."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_filled(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_filled(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan_filled(empty_like(*a, **kw)))

@@ -17,25 +17,15 @@ from kernels.attention import attention_triton
 from kernels.group_norm import MIN_CHUNK_ELEMENTS, TARGET_PROGRAMS, group_norm_triton, plan
 from kernels.guided_step import guided_step_triton
 
-pytestmark = pytest.mark.skipif(
-    not (dispatch.INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1"
-)
+pytestmark = [
+    pytest.mark.skipif(not (dispatch.INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1"),
+    pytest.mark.usefixtures("poisoned"),
+]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # tl.dot on bfloat16 gives wrong results in Triton's interpreter: bfloat16 runs on CUDA only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-
-
-@pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_filled(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_filled(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan_filled(empty_like(*a, **kw)))
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
