@@ -73,11 +73,15 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_vae(model: StableDiffusion, images: torch.Tensor, minutes: float, batch: int, gen: torch.Generator) -> None:
+def train_vae(model: StableDiffusion, images: torch.Tensor, steps: int, minutes: float, batch: int,
+              gen: torch.Generator) -> None:
     vae = model.vae
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    start, step, steps_guess = time.time(), 0, 10**9
-    while time.time() - start < minutes * 60:
+    start = time.time()
+    for step in range(steps):
+        if time.time() - start > minutes * 60:
+            print(f"vae time budget reached at step {step}", flush=True)
+            break
         idx = torch.randint(len(images), (batch,), generator=gen)
         x = images[idx]
         mean, logvar = vae.encode(x)
@@ -87,13 +91,12 @@ def train_vae(model: StableDiffusion, images: torch.Tensor, minutes: float, batc
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = rec + 1e-4 * kl
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps_guess, 1e-3, 100)
+            group["lr"] = 1e-3 * min(1.0, (step + 1) / 100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 50 == 0:
             print(f"vae step {step:5d} {time.time() - start:6.0f}s rec {rec.item():.4f} kl {kl.item():.3f}", flush=True)
-        step += 1
 
 
 @torch.no_grad()
@@ -158,11 +161,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples", type=int, default=16000, help="pictures in the training pool")
-    parser.add_argument("--vae-minutes", type=float, default=5.0)
+    parser.add_argument("--vae-steps", type=int, default=510)
+    parser.add_argument("--vae-minutes", type=float, default=10.0, help="wall-time cap of stage 1")
     parser.add_argument("--vae-from", type=Path, help="take the (frozen) VAE of this checkpoint and skip stage 1")
     parser.add_argument("--init", type=Path, help="start stage 2 from this checkpoint's UNet and text encoder too")
-    parser.add_argument("--minutes", type=float, default=35.0, help="wall-time budget of stage 2")
-    parser.add_argument("--steps", type=int, default=3000, help="stage-2 steps (the schedule's length)")
+    parser.add_argument("--minutes", type=float, default=45.0, help="wall-time cap of stage 2")
+    parser.add_argument("--steps", type=int, default=3200, help="stage-2 steps (the learning-rate schedule's length)")
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--lr", type=float, default=8e-4)
     parser.add_argument("--warmup", type=int, default=100)
@@ -183,19 +187,22 @@ def main() -> None:
     print(f"{args.samples} pictures and captions in {time.time() - t0:.0f}s", flush=True)
 
     model = StableDiffusion(CONFIG)
+    scaling = None
     if args.init or args.vae_from:
         trained, _ = loader.load(args.init or args.vae_from)
         parts = ("vae", "unet", "text_encoder") if args.init else ("vae",)
         for part in parts:
             getattr(model, part).load_state_dict(getattr(trained, part).state_dict())
+        # A UNet trained further must see latents scaled as before.
+        scaling = trained.config.vae.scaling_factor if args.init else None
     else:
-        train_vae(model, images, args.vae_minutes, 16, gen)
+        train_vae(model, images, args.vae_steps, args.vae_minutes, 16, gen)
     model.vae.requires_grad_(False).eval()
 
     means, stds = encode_all(model, images)
     sample = means + stds * torch.randn(means.shape, generator=gen)
-    scaling = 1.0 / sample.std().item()
-    model.config = dataclasses.replace(CONFIG, vae=dataclasses.replace(CONFIG.vae, scaling_factor=round(scaling, 5)))
+    scaling = scaling or round(1.0 / sample.std().item(), 5)
+    model.config = dataclasses.replace(CONFIG, vae=dataclasses.replace(CONFIG.vae, scaling_factor=scaling))
     model.vae.scaling_factor = model.config.vae.scaling_factor
     with torch.no_grad():
         recon = model.vae.decode(means[:256])
