@@ -385,8 +385,8 @@ def test_cuda_without_cuda_is_refused(capsys, bad_files):
     assert "CUDA is not available" in stderr
 
 
-@pytest.mark.skipif(loader.DEMO_MODEL.is_file(), reason="the demo model is installed")
-def test_missing_demo_model_asks_for_model(capsys, tmp_path):
+def test_missing_demo_model_asks_for_model(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(loader, "DEMO_MODEL", tmp_path / "absent" / "demo.safetensors")
     _, stderr = cli_fails(capsys, "txt2img", "a cube", "-o", tmp_path / "a.png", *FAST)
     assert "demo model is not installed" in stderr and "--model PATH" in stderr, stderr
     assert list(tmp_path.iterdir()) == []
