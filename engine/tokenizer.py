@@ -68,6 +68,10 @@ def _clean(text: str) -> str:
 def _check_prompt(prompt) -> None:
     if not isinstance(prompt, str):
         raise ValueError(f"a prompt must be a str, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"a prompt must be valid Unicode text: {e.reason} at position {e.start}") from None
 
 
 class CLIPTokenizer:

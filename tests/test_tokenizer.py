@@ -255,3 +255,8 @@ def test_encode_rejects_non_string():
 def test_empty_batch_is_rejected():
     with pytest.raises(ValueError, match="empty"):
         CLIPTokenizer.default()([])
+
+
+def test_prompt_that_is_not_valid_unicode_is_rejected():
+    with pytest.raises(ValueError, match="valid Unicode"):
+        CLIPTokenizer.default()(["a cat", "a lone surrogate \ud800 here"])
