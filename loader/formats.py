@@ -27,12 +27,13 @@ def _kind(path: Path) -> str:
     """What the file's first bytes say it is; the extension is not trusted (files get renamed)."""
     with open(path, "rb") as f:
         head = f.read(16)
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if head[:1] == b"\x80":
-        return "pickle"
+    # safetensors first: its first 8 bytes are the header length, whose low byte can be 0x80 like a pickle's.
     if len(head) > 8 and head[8:9] == b"{":
         return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # PROTO opcode, protocols 2-5
+        return "pickle"
     if not head:
         return "an empty file"
     for magic, name in ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GGUF", "a GGUF file")):

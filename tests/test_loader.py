@@ -153,6 +153,22 @@ def test_tritonsd_file_round_trips_with_its_config(tmp_path, tiny_state):
     assert info["format"] == "tritonsd" and info["config"] == TINY.to_dict() and info["dtypes"] == {"float16": len(state)}
 
 
+@pytest.mark.parametrize("low_byte", [0x80, 0x00, 0x08])
+def test_safetensors_is_recognised_whatever_its_header_length(tmp_path, low_byte):
+    """A safetensors file begins with its header's length; a length whose low byte is 0x80 begins like a pickle."""
+    from loader.formats import read_file
+
+    path, tensors = tmp_path / "t.safetensors", {"w": torch.arange(4.0)}
+    for pad in range(512):
+        safetensors.torch.save_file(tensors, path, metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == low_byte:
+            break
+    else:
+        pytest.fail(f"no padding gives a header length with low byte {low_byte:#x}")
+    state, metadata = read_file(path)
+    assert torch.equal(state["w"], tensors["w"]) and metadata["pad"] == "x" * pad, f"header low byte {low_byte:#x}: misread"
+
+
 def test_save_is_atomic(tmp_path, tiny_state, monkeypatch):
     path = tmp_path / "model.safetensors"
     loader.save(tiny_state, TINY, path)
