@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kernels.attention import attention_triton  # noqa: E402
+from kernels.geglu import geglu_triton  # noqa: E402
 from kernels.group_norm import group_norm_triton  # noqa: E402
 from kernels.guided_step import guided_step_triton  # noqa: E402
 
@@ -47,5 +48,11 @@ def test_group_norm_silu(benchmark, shape):
 def test_guided_step(benchmark):
     x, extra = torch.randn(1, 4, 64, 64, device="cuda"), torch.randn(1, 4, 64, 64, device="cuda")
     model_out = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
-    coef = torch.rand(6, device="cuda") + 0.5
-    bench(benchmark, lambda: guided_step_triton(model_out, x, coef, 7.5, extra))
+    coef, g = torch.rand(6, device="cuda") + 0.5, torch.full((1,), 7.5, device="cuda")
+    bench(benchmark, lambda: guided_step_triton(model_out, x, coef, g, extra))
+
+
+@pytest.mark.parametrize("shape", [(2, 4096, 2 * 1280), (2, 256, 2 * 5120)], ids=str)
+def test_geglu(benchmark, shape):
+    x = torch.randn(shape, device="cuda", dtype=torch.float16)
+    bench(benchmark, lambda: geglu_triton(x))

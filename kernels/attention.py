@@ -161,10 +161,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """Scaled dot-product attention over [B, H, L, D] tensors, with F.scaled_dot_product_attention's
     semantics (default scale 1/sqrt(D), top-left aligned causal mask).
 
-    Head dims above 256 (the VAE's single-head mid-block attention, D = 512) take the reference:
-    the kernel keeps a [BLOCK_M, D] float32 accumulator and a [BLOCK_M, D] query tile on chip,
-    which at D = 512 no longer fits in registers, and that layer runs once per decoded image.
+    Head dims above 256 (the VAE's single-head mid-block attention, D = 512) do not fit the kernel:
+    it keeps a [BLOCK_M, D] float32 accumulator and a [BLOCK_M, D] query tile on chip, which at
+    D = 512 no longer fits in registers. On CUDA they go to F.scaled_dot_product_attention in the
+    input dtype (its memory-efficient backend takes D = 512); that layer runs once per decoded image.
     """
-    if q.shape[-1] <= MAX_HEAD_DIM and use_triton(q):
-        return attention_triton(q, k, v, causal=causal, scale=scale)
+    if use_triton(q):
+        if q.shape[-1] <= MAX_HEAD_DIM:
+            return attention_triton(q, k, v, causal=causal, scale=scale)
+        if q.is_cuda:
+            _check_inputs(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     return attention_ref(q, k, v, causal=causal, scale=scale)

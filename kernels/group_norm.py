@@ -11,6 +11,10 @@ the GPU idle. The group's spatial range is therefore cut into chunks, and two ke
 
 Both walk the slab in [BLOCK_C, BLOCK_S] tiles through strides, so NCHW-contiguous and
 channels_last inputs are read in place and the output keeps the input's memory format.
+
+An optional per-(sample, channel) `shift` is added to x as it is read, before the statistics: the
+UNet's ResBlock normalises conv(h) + conv bias + timestep embedding, and the VAE's normalises
+conv(h) + conv bias, so the convolution runs without its bias and no separate pass adds them.
 """
 
 from typing import NamedTuple
@@ -29,15 +33,16 @@ MIN_CHUNK_ELEMENTS = 8192
 
 @triton.jit
 def _group_norm_stats_kernel(
-    X, PART,
-    C, S, stride_n, stride_c, stride_s, s_chunk,
-    CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    X, SHIFT, PART,
+    C, S, stride_n, stride_c, stride_s, stride_shift_n, s_chunk,
+    CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
     ng = tl.program_id(0)
     chunk = tl.program_id(1)
     n = ng // (C // CG)
     g = ng % (C // CG)
     X += n.to(tl.int64) * stride_n + (g * CG).to(tl.int64) * stride_c
+    SHIFT += n * stride_shift_n + g * CG
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
     s_start = chunk * s_chunk
@@ -58,6 +63,8 @@ def _group_norm_stats_kernel(
             c = j * BLOCK_C + offs_c
             mask = (c < CG)[:, None] & s_mask[None, :]
             x = tl.load(X + c[:, None] * stride_c + s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SHIFT:
+                x += tl.load(SHIFT + c, mask=c < CG, other=0.0).to(tl.float32)[:, None]
             inv_step = 1.0 / (i * num_c_blocks + j + 1).to(tl.float32)
             delta = x - mean
             mean += tl.where(mask, delta * inv_step, 0.0)
@@ -77,10 +84,10 @@ def _group_norm_stats_kernel(
 
 @triton.jit
 def _group_norm_apply_kernel(
-    X, Y, W, B, PART,
-    C, S, stride_n, stride_c, stride_s, s_chunk, eps,
+    X, Y, W, B, SHIFT, PART,
+    C, S, stride_n, stride_c, stride_s, stride_shift_n, s_chunk, eps,
     CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
-    SILU: tl.constexpr,
+    SILU: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
     ng = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -105,6 +112,7 @@ def _group_norm_apply_kernel(
     Y += base
     W += g * CG
     B += g * CG
+    SHIFT += n * stride_shift_n + g * CG
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
     s_start = chunk * s_chunk
@@ -118,6 +126,8 @@ def _group_norm_apply_kernel(
             mask = c_mask[:, None] & s_mask[None, :]
             offs = c[:, None] * stride_c + s[None, :] * stride_s
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SHIFT:
+                x += tl.load(SHIFT + c, mask=c_mask, other=0.0).to(tl.float32)[:, None]
             w = tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32)
             b = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32)
             y = (x - mean) * rstd * w[:, None] + b[:, None]
@@ -156,7 +166,8 @@ def plan(n: int, c: int, s: int, num_groups: int, channels_last: bool, num_chunk
     return Plan(block_c, block_s, s_chunk, triton.cdiv(s, s_chunk), num_warps)
 
 
-def _check_inputs(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def _check_inputs(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                  shift: torch.Tensor | None = None) -> None:
     if x.dim() < 2:
         raise ValueError(f"group_norm expects [N, C, *spatial] input; got shape {tuple(x.shape)}")
     C = x.shape[1]
@@ -167,13 +178,19 @@ def _check_inputs(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: 
             f"group_norm expects weight and bias of shape ({C},); got "
             f"{None if weight is None else tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}"
         )
+    if shift is not None and (shift.shape != (x.shape[0], C) or shift.stride(1) != 1):
+        raise ValueError(
+            f"group_norm expects shift of shape ({x.shape[0]}, {C}) with unit channel stride; got "
+            f"{tuple(shift.shape)} with strides {shift.stride()}"
+        )
 
 
 def group_norm_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
-                      eps: float = 1e-5, silu: bool = False, *, num_chunks: int | None = None) -> torch.Tensor:
+                      eps: float = 1e-5, silu: bool = False, shift: torch.Tensor | None = None, *,
+                      num_chunks: int | None = None) -> torch.Tensor:
     """Launch the two GroupNorm kernels. `num_chunks` overrides the per-group split (it is capped at
     the number of spatial tiles); by default it is chosen from the group size."""
-    _check_inputs(x, num_groups, weight, bias)
+    _check_inputs(x, num_groups, weight, bias, shift)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"group_norm_triton supports float16, bfloat16 and float32; got {x.dtype}")
     if not (x.is_contiguous() or x.movedim(1, -1).is_contiguous()):
@@ -192,33 +209,39 @@ def group_norm_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bi
 
     part = torch.empty((N * num_groups, cfg.num_chunks, 3), dtype=torch.float32, device=x.device)
     grid = (N * num_groups, cfg.num_chunks)
+    # Without a shift, weight stands in for its pointer; HAS_SHIFT keeps it unread.
+    shift_arg, stride_shift = (shift, shift.stride(0)) if shift is not None else (weight, 0)
     _group_norm_stats_kernel[grid](
-        x, part, C, S, x.stride(0), x.stride(1), stride_s, cfg.s_chunk,
-        CG=cg, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, num_warps=cfg.num_warps,
+        x, shift_arg, part, C, S, x.stride(0), x.stride(1), stride_s, stride_shift, cfg.s_chunk,
+        CG=cg, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, HAS_SHIFT=shift is not None, num_warps=cfg.num_warps,
     )
     _group_norm_apply_kernel[grid](
-        x, y, weight, bias, part, C, S, x.stride(0), x.stride(1), stride_s, cfg.s_chunk, eps,
+        x, y, weight, bias, shift_arg, part, C, S, x.stride(0), x.stride(1), stride_s, stride_shift, cfg.s_chunk, eps,
         CG=cg, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, BLOCK_P=triton.next_power_of_2(cfg.num_chunks),
-        SILU=silu, num_warps=cfg.num_warps,
+        SILU=silu, HAS_SHIFT=shift is not None, num_warps=cfg.num_warps,
     )
     return y
 
 
 def group_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float = 1e-5, silu: bool = False) -> torch.Tensor:
+                   eps: float = 1e-5, silu: bool = False, shift: torch.Tensor | None = None) -> torch.Tensor:
     """F.group_norm (+ F.silu) in (at least) float32, cast back to the input dtype and memory format."""
-    _check_inputs(x, num_groups, weight, bias)
+    _check_inputs(x, num_groups, weight, bias, shift)
     acc = torch.promote_types(x.dtype, torch.float32)
-    y = F.group_norm(x.to(acc), num_groups, weight.to(acc), bias.to(acc), eps)
+    xf = x.to(acc)
+    if shift is not None:
+        xf = xf + shift.to(acc).reshape(*shift.shape, *(1,) * (x.dim() - 2))
+    y = F.group_norm(xf, num_groups, weight.to(acc), bias.to(acc), eps)
     if silu:
         y = F.silu(y)
     return torch.empty_like(x).copy_(y)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
-               eps: float = 1e-5, silu: bool = False) -> torch.Tensor:
+               eps: float = 1e-5, silu: bool = False, shift: torch.Tensor | None = None) -> torch.Tensor:
     """GroupNorm over x [N, C, *spatial] (NCHW-contiguous or channels_last) with weight and bias [C],
-    followed by SiLU when `silu`. Statistics are float32; the output has x's dtype and memory format."""
+    followed by SiLU when `silu`; `shift` [N, C] (a broadcast [C] expanded is fine) is added to x first.
+    Statistics are float32; the output has x's dtype and memory format."""
     if use_triton(x):
-        return group_norm_triton(x, num_groups, weight, bias, eps, silu)
-    return group_norm_ref(x, num_groups, weight, bias, eps, silu)
+        return group_norm_triton(x, num_groups, weight, bias, eps, silu, shift)
+    return group_norm_ref(x, num_groups, weight, bias, eps, silu, shift)

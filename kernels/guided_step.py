@@ -4,9 +4,9 @@
     x_next     = a * x + b * eps [+ c * extra] [+ s * noise]
     extra_next = d * x + e * eps                                        (when extra is given)
 
-The six coefficients (a, b, c, s, d, e) stay in a float32 device tensor and are read inside the
-kernel: passing them as Python floats would need a host sync per step and would bake them into a
-captured CUDA graph. All math is float32.
+The six coefficients (a, b, c, s, d, e) and the guidance scale g are read from device memory inside
+the kernel: passed as Python floats they would be baked into a captured CUDA graph, which could then
+run only one step of one sampler at one guidance scale. All math is float32.
 """
 
 import torch
@@ -19,7 +19,7 @@ from .dispatch import INTERPRET, use_triton
 @triton.jit
 def _guided_step_kernel(
     MODEL_OUT, X, EXTRA, NOISE, COEF, X_OUT, EXTRA_OUT,
-    numel, guidance_scale,
+    GUIDANCE, numel,
     GUIDED: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -28,7 +28,7 @@ def _guided_step_kernel(
     if GUIDED:
         uncond = tl.load(MODEL_OUT + offs, mask=mask, other=0.0).to(tl.float32)
         cond = tl.load(MODEL_OUT + numel + offs, mask=mask, other=0.0).to(tl.float32)
-        eps = uncond + guidance_scale * (cond - uncond)
+        eps = uncond + tl.load(GUIDANCE) * (cond - uncond)
     else:
         eps = tl.load(MODEL_OUT + offs, mask=mask, other=0.0).to(tl.float32)
     x_next = tl.load(COEF) * x + tl.load(COEF + 1) * eps
@@ -58,6 +58,13 @@ def _check_inputs(model_out, x, coef, guidance_scale, extra, noise) -> None:
             f"guided_step expects coef as 6 float32 values on {x.device}; got shape {tuple(coef.shape)}, "
             f"{coef.dtype} on {coef.device}"
         )
+    if isinstance(guidance_scale, torch.Tensor) and (
+        guidance_scale.numel() != 1 or guidance_scale.dtype != torch.float32 or guidance_scale.device != x.device
+    ):
+        raise ValueError(
+            f"guided_step expects guidance_scale as a float or one float32 value on {x.device}; got shape "
+            f"{tuple(guidance_scale.shape)}, {guidance_scale.dtype} on {guidance_scale.device}"
+        )
     for name, t in (("extra", extra), ("noise", noise)):
         if t is not None and t.shape != x.shape:
             raise ValueError(f"guided_step expects {name} of x's shape {tuple(x.shape)}; got {tuple(t.shape)}")
@@ -67,7 +74,7 @@ def _check_inputs(model_out, x, coef, guidance_scale, extra, noise) -> None:
 
 
 def guided_step_triton(model_out: torch.Tensor, x: torch.Tensor, coef: torch.Tensor,
-                       guidance_scale: float | None = None, extra: torch.Tensor | None = None,
+                       guidance_scale: float | torch.Tensor | None = None, extra: torch.Tensor | None = None,
                        noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the fused step kernel; outputs are contiguous, in x's and extra's dtypes."""
     _check_inputs(model_out, x, coef, guidance_scale, extra, noise)
@@ -80,11 +87,13 @@ def guided_step_triton(model_out: torch.Tensor, x: torch.Tensor, coef: torch.Ten
     if numel == 0:
         return x_next, extra_next
     block = 1024 if INTERPRET else 2048
-    # Absent tensors are never read (HAS_* is False); x stands in for their pointers.
+    if guidance_scale is not None and not isinstance(guidance_scale, torch.Tensor):
+        guidance_scale = torch.full((1,), float(guidance_scale), dtype=torch.float32, device=x.device)
+    # Absent tensors are never read (GUIDED, HAS_* are False); x and coef stand in for their pointers.
     _guided_step_kernel[(triton.cdiv(numel, block),)](
         model_out, x, extra if extra is not None else x, noise if noise is not None else x, coef,
         x_next, extra_next if extra_next is not None else x_next,
-        numel, 1.0 if guidance_scale is None else float(guidance_scale),
+        guidance_scale if guidance_scale is not None else coef, numel,
         GUIDED=guidance_scale is not None, HAS_EXTRA=extra is not None, HAS_NOISE=noise is not None,
         BLOCK=block, num_warps=4,
     )
@@ -92,7 +101,7 @@ def guided_step_triton(model_out: torch.Tensor, x: torch.Tensor, coef: torch.Ten
 
 
 def guided_step_ref(model_out: torch.Tensor, x: torch.Tensor, coef: torch.Tensor,
-                    guidance_scale: float | None = None, extra: torch.Tensor | None = None,
+                    guidance_scale: float | torch.Tensor | None = None, extra: torch.Tensor | None = None,
                     noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same update in eager PyTorch, in (at least) float32."""
     _check_inputs(model_out, x, coef, guidance_scale, extra, noise)
@@ -100,7 +109,8 @@ def guided_step_ref(model_out: torch.Tensor, x: torch.Tensor, coef: torch.Tensor
     eps = model_out.to(acc)
     if guidance_scale is not None:
         uncond, cond = eps.chunk(2)
-        eps = uncond + guidance_scale * (cond - uncond)
+        g = guidance_scale.to(acc).reshape(()) if isinstance(guidance_scale, torch.Tensor) else guidance_scale
+        eps = uncond + g * (cond - uncond)
     a, b, c, s, d, e = coef.to(acc).unbind()
     xf = x.to(acc)
     x_next = a * xf + b * eps
@@ -114,12 +124,13 @@ def guided_step_ref(model_out: torch.Tensor, x: torch.Tensor, coef: torch.Tensor
 
 
 def guided_step(model_out: torch.Tensor, x: torch.Tensor, coef: torch.Tensor,
-                guidance_scale: float | None = None, extra: torch.Tensor | None = None,
+                guidance_scale: float | torch.Tensor | None = None, extra: torch.Tensor | None = None,
                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One sampler step with optional classifier-free guidance; returns (x_next, extra_next or None).
 
     model_out: [2B, ...] = [uncond; cond] when guidance_scale is given, else [B, ...]; x: [B, ...];
-    coef: float32 (a, b, c, s, d, e) on x's device; extra and noise: like x, or None.
+    coef: float32 (a, b, c, s, d, e) on x's device; guidance_scale: a float, one float32 value on x's device,
+    or None for no guidance; extra and noise: like x, or None.
     """
     if use_triton(x):
         return guided_step_triton(model_out, x, coef, guidance_scale, extra, noise)

@@ -14,6 +14,7 @@ import torch
 import kernels
 from kernels import dispatch
 from kernels.attention import attention_triton
+from kernels.geglu import geglu_triton
 from kernels.group_norm import MIN_CHUNK_ELEMENTS, TARGET_PROGRAMS, group_norm_triton, plan
 from kernels.guided_step import guided_step_triton
 
@@ -194,6 +195,31 @@ def test_group_norm_splits_large_groups_by_default():
     run_group_norm(shape, groups, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape,groups,per_sample", [
+    ((2, 320, 8, 8), 32, True),  # UNet ResBlock: conv bias + timestep embedding, one row per sample
+    ((2, 64, 12, 12), 32, False),  # VAE ResnetBlock: the conv bias alone, broadcast over the batch
+    ((1, 24, 40, 40), 8, True),  # groups split into several chunks
+], ids=str)
+def test_group_norm_with_shift_matches_float64(shape, groups, per_sample, channels_last, dtype):
+    """GroupNorm(x + shift[n, c]): the shift moves each channel before the statistics are taken."""
+    x = (randn(*shape) * 2).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight, bias = randn(shape[1], dtype=dtype), randn(shape[1], dtype=dtype)
+    shift = randn(shape[0], shape[1], dtype=dtype) * 3 if per_sample else (randn(shape[1], dtype=dtype) * 3).expand(shape[0], -1)
+    y = group_norm_triton(x, groups, weight, bias, 1e-5, True, shift, num_chunks=3 if shape[0] == 1 else None)
+    ref = group_norm_f64(x.double() + shift.double()[:, :, None, None], groups, weight, bias, 1e-5, True)
+    assert_close(y, ref, dtype, f"group_norm with shift {shape} G={groups} per_sample={per_sample} {dtype}")
+
+
+def test_group_norm_rejects_bad_shift():
+    x, w = randn(2, 8, 4, 4), randn(8)
+    with pytest.raises(ValueError, match=r"shift of shape \(2, 8\)"):
+        group_norm_triton(x, 2, w, w, shift=randn(8))
+
+
 def test_group_norm_statistics_are_centred():
     # Here E[x^2] - E[x]^2 in float32 is off by about 1e-4 of the variance, ten times the tolerance.
     run_group_norm((1, 32, 40, 40), 4, torch.float32, offset=100.0)
@@ -236,7 +262,7 @@ def guided_step_f64(model_out, x, coef, guidance_scale, extra, noise):
     eps = model_out.double()
     if guidance_scale is not None:
         uncond, cond = eps.chunk(2)
-        eps = uncond + guidance_scale * (cond - uncond)
+        eps = uncond + float(guidance_scale) * (cond - uncond)
     x_next = a * x.double() + b * eps
     if extra is not None:
         x_next += c * extra.double()
@@ -250,8 +276,11 @@ def guided_step_f64(model_out, x, coef, guidance_scale, extra, noise):
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("with_noise", [False, True], ids=["", "noise"])
 @pytest.mark.parametrize("with_extra", [False, True], ids=["", "extra"])
-@pytest.mark.parametrize("guidance_scale", [None, 7.5], ids=["unguided", "cfg7.5"])
+@pytest.mark.parametrize("guidance_scale", [None, 7.5, "tensor"], ids=["unguided", "cfg7.5", "cfg-on-device"])
 def test_guided_step_matches_float64(guidance_scale, with_extra, with_noise, x_dtype, shape):
+    # A captured CUDA graph reads the guidance scale from device memory, so it may change between replays.
+    if guidance_scale == "tensor":
+        guidance_scale = torch.tensor([3.25], device=DEVICE)
     B = shape[0]
     model_out = randn(2 * B if guidance_scale is not None else B, *shape[1:], dtype=torch.float16)
     x = randn(*shape, dtype=x_dtype)
@@ -281,6 +310,39 @@ def test_guided_step_rejects_bad_inputs():
         guided_step_triton(x, x, coef.double(), None)
     with pytest.raises(ValueError, match="noise"):
         guided_step_triton(x, x, coef, None, noise=randn(2, 4, 8, 9))
+    with pytest.raises(ValueError, match="one float32 value"):
+        guided_step_triton(randn(4, 4, 8, 8), x, coef, torch.tensor([7.5, 1.0], device=DEVICE))
+
+
+# -------------------------------------------------------------------------------------------- geglu
+
+
+def geglu_f64(x):
+    h, gate = x.double().chunk(2, dim=-1)
+    return h * 0.5 * gate * (1 + torch.erf(gate / 2**0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [
+    (2, 64, 2 * 1280),  # SD1.x: I = 4 * channels, channels 320 / 640 / 1280
+    (1, 16, 2 * 5120),  # wider than one block
+    (3, 7, 2 * 40),  # I neither a power of two nor a multiple of 16
+    (1, 1, 2),
+], ids=str)
+def test_geglu_matches_float64(shape, dtype):
+    x = randn(*shape, dtype=dtype) * 3  # gates well into gelu's negative tail too
+    assert_close(geglu_triton(x), geglu_f64(x), dtype, f"geglu {shape} {dtype}")
+
+
+def test_geglu_reads_strided_rows():
+    # Every other row of a larger tensor: the row stride is not 2*I.
+    x = randn(2, 12, 2 * 48)[:, ::2]
+    assert_close(geglu_triton(x), geglu_f64(x), torch.float32, "geglu on a row-strided view")
+
+
+def test_geglu_rejects_odd_width():
+    with pytest.raises(ValueError, match="2\\*I"):
+        geglu_triton(randn(2, 5))
 
 
 # ----------------------------------------------------------------------------------------- dispatch
@@ -294,6 +356,7 @@ OPS = {
     "attention": lambda: kernels.attention(*(randn(1, 2, 8, 16),) * 3),
     "group_norm": lambda: kernels.group_norm(randn(1, 8, 4, 4), 2, randn(8), randn(8)),
     "guided_step": lambda: kernels.guided_step(randn(2, 4, 4, 4), randn(1, 4, 4, 4), torch.ones(6, device=DEVICE), 7.5),
+    "geglu": lambda: kernels.geglu(randn(2, 3, 8)),
 }
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.attention import attention_triton
+from kernels.geglu import geglu_triton
 from kernels.group_norm import group_norm_triton
 from kernels.guided_step import guided_step_triton
 
@@ -82,7 +83,7 @@ def test_attention(shape, dtype):
     assert_close(out, attention_f64(q, k, v, causal), torch_out, dtype, f"attention {shape} {dtype}")
 
 
-def test_vae_attention_takes_the_reference():
+def test_vae_attention_takes_sdpa_in_half_precision():
     q, k, v = (randn(1, 4096, 1, 512, dtype=torch.float16).transpose(1, 2) for _ in range(3))
     with kernels.backend("auto"):
         out = kernels.attention(q, k, v)
@@ -134,6 +135,19 @@ def test_group_norm_silu(shape, dtype):
 @pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 1280, 8, 8), (2, 1920, 16, 16), (1, 512, 128, 128)], ids=str)
 def test_group_norm_silu_channels_last(shape, dtype):
     check_group_norm(shape, dtype, channels_last=True)
+
+
+# -------------------------------------------------------------------------------------------- geglu
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 4096, 2 * 1280), (2, 1024, 2 * 2560), (2, 256, 2 * 5120), (2, 64, 2 * 5120)], ids=str)
+def test_geglu(shape, dtype):
+    x = randn(*shape, dtype=dtype) * 3
+    h, gate = x.double().chunk(2, dim=-1)
+    ref = h * 0.5 * gate * (1 + torch.erf(gate / 2**0.5))
+    th, tgate = x.chunk(2, dim=-1)
+    assert_close(geglu_triton(x), ref, th * F.gelu(tgate), dtype, f"geglu {shape} {dtype}")
 
 
 # -------------------------------------------------------------------------------------- guided step

@@ -1,0 +1,65 @@
+"""GEGLU, the gated activation of the UNet's feed-forward layers: [h, gate] -> h * gelu(gate).
+
+The projection before it writes h and gate side by side in one [..., 2I] tensor. Eager PyTorch splits it, runs
+gelu over the gate (one read, one write), then the product (two reads, one write): five passes of [..., I]. The
+kernel reads each half once and writes the product once: three passes. Each program takes one row's run of
+BLOCK columns, so loads and stores are contiguous. gelu is the exact (erf) one, computed in float32.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .dispatch import INTERPRET, use_triton
+
+SQRT1_2 = 0.7071067811865476
+
+
+@triton.jit
+def _geglu_kernel(X, Y, I, stride_x, stride_y, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(X + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
+    y = h * gate * 0.5 * (1.0 + tl.math.erf(gate * SQRT1_2))
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"geglu expects [..., 2*I] input (h and gate side by side); got shape {tuple(x.shape)}")
+
+
+def geglu_triton(x: torch.Tensor) -> torch.Tensor:
+    """Launch the kernel; the output is contiguous [..., I] in x's dtype."""
+    _check_input(x)
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"geglu_triton supports float16, bfloat16 and float32; got {x.dtype}")
+    inner = x.shape[-1] // 2
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows = x.reshape(-1, 2 * inner)  # a view whenever the leading dims merge, which they do for a Linear's output
+    y = torch.empty((*x.shape[:-1], inner), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    block = min(triton.next_power_of_2(inner), 256 if INTERPRET else 2048)
+    _geglu_kernel[(rows.shape[0], triton.cdiv(inner, block))](
+        rows, y, inner, rows.stride(0), inner, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    )
+    return y
+
+
+def geglu_ref(x: torch.Tensor) -> torch.Tensor:
+    """The eager split, gelu and product in (at least) float32, cast back to x's dtype."""
+    _check_input(x)
+    h, gate = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
+    return (h * F.gelu(gate)).to(x.dtype)
+
+
+def geglu(x: torch.Tensor) -> torch.Tensor:
+    """h * gelu(gate) for x = [h, gate] along the last dim; [..., 2I] -> [..., I]."""
+    if use_triton(x):
+        return geglu_triton(x)
+    return geglu_ref(x)
