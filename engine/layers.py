@@ -1,6 +1,7 @@
 """Building blocks shared by the UNet, VAE and text encoder: the places where the Triton kernels slot in."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -13,8 +14,19 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps)
         self.silu = silu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu)
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """shift [N, C], if given, is added to x before normalising (see kernels.group_norm)."""
+        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu, shift=shift)
+
+
+def conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) minus its bias, for a GroupNorm that adds the bias as its shift."""
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def pointwise_conv_as_linear(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution applied to [B, L, C] rows: one matrix product with the bias in its epilogue."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
 def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from engine.config import UNetConfig
-from engine.layers import GroupNorm, multihead_attention
+from engine.layers import GroupNorm, conv_without_bias, multihead_attention, pointwise_conv_as_linear
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -32,9 +33,12 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Conv2d(ch, out_ch, 1) if ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers[1](emb_act)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        conv = self.in_layers[2]
+        h = conv_without_bias(conv, self.in_layers[0](x))
+        # The conv's bias and the timestep embedding are per-(sample, channel) constants: the GroupNorm adds them
+        # as it reads h, instead of two passes over h.
+        h = self.out_layers[0](h, shift=self.emb_layers[1](emb_act) + conv.bias)
+        return self.skip_connection(x) + self.out_layers[3](h)
 
 
 class CrossAttention(nn.Module):
@@ -57,8 +61,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, gate = self.proj(x).chunk(2, dim=-1)
-        return h * F.gelu(gate)
+        return kernels.geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -97,10 +100,12 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        # [B, C, H, W] -> [B, HW, C] rows; a free view when x is channels_last. The 1x1 projections run on the rows.
+        y = pointwise_conv_as_linear(self.proj_in, self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))
         for block in self.transformer_blocks:
             y = block(y, context)
-        return x + self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))
+        y = pointwise_conv_as_linear(self.proj_out, y)
+        return x + y.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):

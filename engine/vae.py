@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import VAEConfig
-from engine.layers import GroupNorm
+from engine.layers import GroupNorm, conv_without_bias
 import kernels
 
 
@@ -19,8 +19,10 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(ch, out_ch, 1) if ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv2(self.norm2(self.conv1(self.norm1(x))))
-        return self.nin_shortcut(x) + h
+        # conv1's bias is added by norm2 as it reads conv1's output: one pass over that activation fewer.
+        h = conv_without_bias(self.conv1, self.norm1(x))
+        h = self.norm2(h, shift=self.conv1.bias.expand(h.shape[0], -1))
+        return self.nin_shortcut(x) + self.conv2(h)
 
 
 class AttnBlock(nn.Module):

@@ -10,7 +10,7 @@ import kernels
 from engine.pipeline import Pipeline
 from tiny import TINY, random_state, write_single_file
 
-KERNELS = ("attention", "group_norm", "guided_step")
+KERNELS = ("attention", "group_norm", "guided_step", "geglu")
 
 
 @pytest.fixture(scope="module")
