@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 import kernels
 from engine.config import ModelConfig
+from engine.graphs import GraphCache
 from engine.model import StableDiffusion
 from engine.samplers import SamplerPlan, make_plan
 from engine.tokenizer import CLIPTokenizer
@@ -29,6 +30,12 @@ class Pipeline:
         # Pixels per latent: the VAE halves the size at every level but the last.
         self.vae_scale = 2 ** (len(self.config.vae.ch_mult) - 1)
         self.default_size = self.config.unet.sample_size * self.vae_scale
+        self._graphs: GraphCache | None = None
+        if self.device.type == "cuda":
+            # cuDNN's fastest half-precision convolutions read and write NHWC; the GroupNorm kernel and the
+            # attention's head split read either layout through strides.
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_checkpoint(
@@ -51,7 +58,22 @@ class Pipeline:
 
     @torch.inference_mode()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        return self.text_encoder(self.tokenizer(prompts).to(self.device))
+        return self._run("text", self.text_encoder, self.tokenizer(prompts).to(self.device)).clone()
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [B, 4, h, w] -> images [B, 3, H, W] in [0, 1], float32."""
+        image = self._run("decode", self.vae.decode, (latents / self.vae.scaling_factor).to(self.dtype))
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def _run(self, name: str, fn, *args):
+        """fn(*args), replayed from a CUDA graph on CUDA. The kernel mode is part of the key: it picks the code
+        that a graph records."""
+        if self.device.type != "cuda":
+            return fn(*args)
+        if self._graphs is None:
+            self._graphs = GraphCache()
+        return self._graphs((name, kernels.current_mode()), fn, *args)
 
     @torch.inference_mode()
     def txt2img(
@@ -103,24 +125,38 @@ class Pipeline:
         self, latents: torch.Tensor, context: torch.Tensor, plan: SamplerPlan, guidance_scale: float,
         generator: torch.Generator, progress: bool,
     ) -> torch.Tensor:
-        """Latents stay float32; the UNet sees the model dtype. Coefficients go to the device once, so no step syncs."""
+        """The sampling loop, with no host-device sync: every step's scalars go to the device once, as rows of
+        (timestep, c_in, a, b, c, s, d, e), and the step noise is drawn up front, in the order diffusers draws it
+        (nothing else draws in between). A plan that adds noise at some steps gets zeros at the others (s = 0
+        there), so every step runs the same code and, on CUDA, replays one graph."""
         guided = guidance_scale > 1.0
-        coef = plan.coef.to(self.device, torch.float32)
-        c_in = plan.c_in.to(self.device, torch.float32)
-        timesteps = plan.timesteps.to(self.device, torch.float32)
+        schedule = torch.cat([plan.timesteps[:, None], plan.c_in[:, None], plan.coef], dim=1)
+        schedule = schedule.to(self.device, torch.float32)
+        guidance = torch.full((1,), guidance_scale, dtype=torch.float32, device=self.device) if guided else None
         extra = torch.zeros_like(latents) if plan.uses_extra else None
-        for i in tqdm(range(len(timesteps)), disable=not progress, leave=False, desc="sampling"):
-            x_in = (latents * c_in[i]).to(self.dtype)
-            out = self.unet(torch.cat([x_in, x_in]) if guided else x_in, timesteps[i], context)
-            noise = torch.randn(latents.shape, generator=generator).to(self.device) if plan.noise_steps[i] else None
-            latents, extra = kernels.guided_step(out, latents, coef[i], guidance_scale if guided else None, extra, noise)
-        return latents
+        noise = None
+        if any(plan.noise_steps):
+            noise = torch.stack([
+                torch.randn(latents.shape, generator=generator) if drawn else torch.zeros(latents.shape)
+                for drawn in plan.noise_steps
+            ])
+            noise = noise.pin_memory() if self.device.type == "cuda" else noise
+        for i in tqdm(range(len(schedule)), disable=not progress, leave=False, desc="sampling"):
+            noise_i = noise[i].to(self.device, non_blocking=True) if noise is not None else None
+            latents, extra = self._run("step", self._step, latents, extra, noise_i, context, guidance, schedule[i])
+        return latents.clone()
+
+    def _step(self, x: torch.Tensor, extra, noise, context: torch.Tensor, guidance, row: torch.Tensor):
+        """One denoising step: the UNet on the scaled latents (twice stacked under guidance), then guidance and the
+        sampler update in one kernel. Latents stay float32; the UNet sees the model dtype."""
+        x_in = (x * row[1]).to(self.dtype)
+        out = self.unet(torch.cat([x_in, x_in]) if guidance is not None else x_in, row[0], context)
+        return kernels.guided_step(out, x, row[2:], guidance, extra, noise)
 
     def _output(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
             return latents
-        image = self.vae.decode((latents / self.vae.scaling_factor).to(self.dtype))
-        image = (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        image = self.decode(latents).permute(0, 2, 3, 1).cpu().numpy()
         if output_type == "np":
             return image
         return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in image]

@@ -1,0 +1,55 @@
+"""CUDA-graph capture of the engine's fixed-shape calls (the denoising step, the VAE decode, the text encoder).
+
+A call of a few hundred small kernels spends most of its eager time launching them from Python. A CUDA graph
+records the launches once and replays them with one call. `GraphCache` captures a function the first time it
+sees a signature (the shapes, dtypes and devices of its tensor arguments, and its other arguments) and replays it
+after that: the new inputs are copied into the captured input buffers, the graph runs, and the captured output
+buffers are returned. Those buffers are overwritten by the next replay of the same graph.
+
+All graphs of a cache allocate from one memory pool. Each graph's own inputs and outputs stay referenced by the
+cache, so no capture can reuse them; only intermediates, which are dead after every replay, are shared.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+
+def _signature(args: tuple) -> tuple:
+    return tuple(
+        (tuple(a.shape), a.dtype, a.device, a.stride()) if isinstance(a, torch.Tensor) else (type(a), a) for a in args
+    )
+
+
+class GraphCache:
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple, object]] = {}
+
+    def __call__(self, name: str, fn: Callable, *args):
+        """fn(*args) for CUDA tensor args, replayed from a graph. fn must not sync with the host, draw random
+        numbers or depend on tensor values through Python; its non-tensor arguments become part of the key."""
+        key = (name, _signature(args))
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(fn, args)
+        graph, static_args, static_out = entry
+        for dst, src in zip(static_args, args):
+            if isinstance(dst, torch.Tensor) and dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+        graph.replay()
+        return static_out
+
+    def _capture(self, fn: Callable, args: tuple):
+        static_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        # One eager run first, on a side stream as capture requires: it compiles the Triton kernels and lets
+        # cuBLAS and cuDNN set up their workspaces, none of which may happen during capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(*static_args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_out = fn(*static_args)
+        return graph, static_args, static_out
