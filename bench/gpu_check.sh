@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# GPU check: the CUDA test suite, then the kernel benchmarks. Installs nothing; results go to $OUT
-# (default ./bench/out): gpu-tests.xml and gpu-tests.log, kernels.json and kernels.log.
+# GPU check, a few minutes on an H100/H200: the CUDA tests, the kernel benchmarks, then the whole-pipeline
+# benchmark. Installs nothing (diffusers must be importable for the parity tests and bench/e2e.py). Results go to
+# $OUT (default ./bench/out): gpu-tests.xml/.log, bench-pytest.json, kernels.json/.log, e2e.json/.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 status=0
-python -m pytest -m gpu tests -q --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" || status=1
-python bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" || status=1
+timeout 240 python -m pytest -m gpu tests -q -x --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" || status=1
+timeout 60 python -m pytest bench/test_bench_kernels.py -q --benchmark-json="$OUT/bench-pytest.json" 2>&1 | tail -5 || status=1
+timeout 120 python bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" || status=1
+timeout 420 python bench/e2e.py --json "$OUT/e2e.json" ${E2E_ARGS:-} 2>&1 | grep -v Warning > "$OUT/e2e.log" || status=1
+python - "$OUT/e2e.json" <<'PY' || status=1
+import json, sys
+for name, s in json.load(open(sys.argv[1]))["sections"].items():
+    print(name, {k: v for k, v in s.items() if k not in ("kernels", "memory_beyond_weights")})
+PY
 exit "$status"

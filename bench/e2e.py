@@ -1,0 +1,419 @@
+"""Whole-pipeline speed: tritonsd against diffusers, eager and under torch.compile, on the same random SD1.5
+weights, on one GPU, in one run.
+
+    python bench/e2e.py --json OUT.json [--skip compiled,cold_start,...] [--model tiny]
+
+Sections (each writes its figures into the JSON as soon as it is done):
+- accuracy: a 30-step 512x512 txt2img in float16 (Triton kernels, CUDA graphs) against the float32 reference
+  path (PyTorch ops) on the same weights and seed, as PSNR; and against diffusers' float16 image.
+- unet_step: one guided step (UNet at batch 2B, guidance and sampler update) at 512x512 B=1 and B=4, 768x768 and
+  1024x1024: tritonsd's captured step against the diffusers UNet called eagerly.
+- vae_decode: decoding one 64x64 latent to 512x512.
+- txt2img: a whole 30-step 512x512 image (Euler, guidance 7.5), prompt to numpy array, against diffusers'
+  StableDiffusionPipeline; and the peak GPU memory of one such image at every size, beyond the weights.
+- compiled: diffusers with `torch.compile(mode="reduce-overhead", fullgraph=True)` on the UNet and the VAE decode:
+  the first image (compilation included, inductor cache empty on a fresh machine), then the warm figures.
+- cold_start: a fresh Python process that imports tritonsd, loads an SD1.5 file and makes one 30-step image,
+  with an empty Triton cache and again with the cache it left.
+- profile: the GPU kernels of one eager tritonsd step at 512x512, by total time.
+- layouts: tritonsd's step and VAE decode with NCHW weights instead of channels_last, and with cuDNN's autotuner.
+
+Times are medians of CUDA-event timings after warm-up. `--model tiny` runs everything on a small model (on the
+CPU when there is no GPU) to check the script itself; its figures mean nothing.
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+import loader  # noqa: E402
+from engine.model import StableDiffusion  # noqa: E402
+from engine.pipeline import Pipeline  # noqa: E402
+from engine.samplers import make_plan  # noqa: E402
+from engine.tokenizer import CLIPTokenizer  # noqa: E402
+from loader.convert import from_diffusers  # noqa: E402
+from loader.infer import config_from_diffusers  # noqa: E402
+
+SECTIONS = ("accuracy", "unet_step", "vae_decode", "txt2img", "compiled", "cold_start", "profile", "layouts")
+PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
+STEPS, GUIDANCE = 30, 7.5
+
+MODELS = {
+    "sd15": dict(
+        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                  block_out_channels=(320, 640, 1280, 1280)),
+        vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2, sample_size=512,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        sizes=[(512, 1), (512, 4), (768, 1), (1024, 1)],
+    ),
+    "tiny": dict(
+        unet=dict(sample_size=8, cross_attention_dim=32, attention_head_dim=2, block_out_channels=(32, 64),
+                  layers_per_block=1, norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        vae=dict(block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                 sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        sizes=[(16, 1), (24, 2)],
+    ),
+}
+TEXT_COMMON = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406,
+                   eos_token_id=49407, pad_token_id=49407)
+
+
+class Bench:
+    def __init__(self, device: torch.device, out: Path | None):
+        self.device, self.out = device, out
+        self.report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                       "torch": torch.__version__, "cuda": torch.version.cuda, "sections": {}}
+        try:
+            import diffusers
+            import triton
+            import transformers
+            self.report.update(triton=triton.__version__, diffusers=diffusers.__version__,
+                               transformers=transformers.__version__)
+        except ImportError as e:
+            self.report["import_error"] = str(e)
+
+    def section(self, name: str, fn, *args) -> None:
+        print(f"== {name}", flush=True)
+        started = time.perf_counter()
+        try:
+            result = fn(*args)
+        except Exception as e:  # a failed section is recorded and the others still run
+            traceback.print_exc()
+            result = {"error": f"{type(e).__name__}: {e}"}
+        result["section_s"] = round(time.perf_counter() - started, 1)
+        self.report["sections"][name] = result
+        print(json.dumps(result, indent=1), flush=True)
+        if self.out:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(json.dumps(self.report, indent=1))
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time_ms(self, fn, warmup: int = 3, iters: int = 10) -> float:
+        """Median milliseconds of fn(), each call timed on its own."""
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return round(statistics.median(times), 3)
+
+    def peak_mb(self, fn) -> float | None:
+        """GPU memory fn() allocates at its peak beyond what was allocated before it."""
+        if self.device.type != "cuda":
+            fn()
+            return None
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        self.sync()
+        return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+
+
+def build(model: str, device: torch.device, dtype: torch.dtype, tmp: Path):
+    """Random diffusers SD1.x parts and a tritonsd Pipeline on the very same tensors, plus a diffusers pipeline."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    spec = MODELS[model]
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**spec["unet"])
+        vae = AutoencoderKL(**spec["vae"])
+        text = CLIPTextModel(CLIPTextConfig(**spec["text"], **TEXT_COMMON))
+    parts = {"unet": unet, "vae": vae, "text_encoder": text}
+    for part in parts.values():
+        part.to(dtype).eval().requires_grad_(False)
+
+    config = config_from_diffusers({"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": text.config.to_dict()})
+    ours = StableDiffusion.on_meta(config)
+    ours.load_state_dict(from_diffusers({k: p.state_dict() for k, p in parts.items()}), strict=True, assign=True)
+    ours.eval().requires_grad_(False)
+    tokenizer = CLIPTokenizer.default()
+    pipe = Pipeline(ours, tokenizer)
+
+    # The same vocabulary in transformers' files, so diffusers' pipeline tokenizes exactly as tritonsd does.
+    folder = tmp / "tokenizer"
+    folder.mkdir(exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.vocab))
+    merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    theirs = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=HFTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77),
+                                     unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                     requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    return pipe, theirs, config
+
+
+def ours_image(pipe: Pipeline, size: int, batch: int, steps: int = STEPS):
+    return pipe.txt2img(PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance_scale=GUIDANCE, sampler="euler",
+                        seed=0, width=size, height=size, batch_size=batch, output_type="np")
+
+
+def theirs_image(theirs, size: int, batch: int, steps: int = STEPS):
+    with torch.inference_mode():
+        return theirs(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                      generator=torch.Generator("cpu").manual_seed(0), width=size, height=size,
+                      num_images_per_prompt=batch, output_type="np").images
+
+
+def psnr(a, b) -> float:
+    import numpy as np
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return round(10 * np.log10(1.0 / max(mse, 1e-20)), 2)
+
+
+class StepInputs:
+    """What the sampling loop hands tritonsd's step and diffusers' UNet at one size."""
+
+    def __init__(self, pipe: Pipeline, size: int, batch: int):
+        lat = size // pipe.vae_scale
+        dev = pipe.device
+        self.latents = torch.randn(batch, 4, lat, lat, device=dev)
+        self.context = torch.randn(2 * batch, 77, pipe.config.unet.context_dim, device=dev, dtype=pipe.dtype)
+        plan = make_plan("euler", STEPS)
+        self.row = torch.cat([plan.timesteps[:, None], plan.c_in[:, None], plan.coef], 1)[10].to(dev, torch.float32)
+        self.guidance = torch.full((1,), GUIDANCE, device=dev)
+        self.x2 = torch.randn(2 * batch, 4, lat, lat, device=dev, dtype=pipe.dtype)
+        self.t = torch.tensor(500.0, device=dev)
+
+    def ours(self, pipe: Pipeline):
+        return pipe._run("step", pipe._step, self.latents, None, None, self.context, self.guidance, self.row)
+
+    def eager_unet(self, pipe: Pipeline):
+        """tritonsd's step without graphs: every kernel launched from Python, as the profiler sees it."""
+        return pipe._step(self.latents, None, None, self.context, self.guidance, self.row)
+
+    def theirs(self, unet):
+        return unet(self.x2, self.t, encoder_hidden_states=self.context, return_dict=False)[0]
+
+
+def run_accuracy(b: Bench, pipe, theirs, config, size):
+    with kernels.backend("auto"):
+        fast = ours_image(pipe, size, 1)
+    state = {k: t.float() for k, t in pipe.model.state_dict().items()}
+    ref_model = StableDiffusion.on_meta(config)
+    ref_model.load_state_dict(state, strict=True, assign=True)
+    ref = Pipeline(ref_model.eval(), pipe.tokenizer)
+    with kernels.backend("torch"):
+        want = ours_image(ref, size, 1)
+    del ref, ref_model, state
+    gc.collect()
+    return {"psnr_fp16_vs_fp32_reference_db": psnr(fast, want), "psnr_vs_diffusers_fp16_db": psnr(fast, theirs_image(theirs, size, 1))}
+
+
+def run_unet_step(b: Bench, pipe, theirs, sizes):
+    rows = []
+    for size, batch in sizes:
+        inputs = StepInputs(pipe, size, batch)
+        with torch.inference_mode(), kernels.backend("auto"):
+            ours = b.time_ms(lambda: inputs.ours(pipe), warmup=3, iters=20)
+            eager = b.time_ms(lambda: inputs.theirs(theirs.unet), warmup=2, iters=10)
+        rows.append({"size": size, "batch": batch, "tritonsd_ms": ours, "diffusers_eager_ms": eager,
+                     "speedup_vs_eager": round(eager / ours, 2)})
+        print(rows[-1], flush=True)
+        del inputs
+    return {"rows": rows}
+
+
+def run_vae_decode(b: Bench, pipe, theirs, size):
+    z = torch.randn(1, 4, size // 8, size // 8, device=b.device, dtype=pipe.dtype)
+    with torch.inference_mode(), kernels.backend("auto"):
+        ours = b.time_ms(lambda: pipe.decode(z), warmup=2, iters=10)
+        eager = b.time_ms(lambda: theirs.vae.decode(z / theirs.vae.config.scaling_factor).sample, warmup=2, iters=10)
+    return {"size": size, "tritonsd_ms": ours, "diffusers_eager_ms": eager, "speedup_vs_eager": round(eager / ours, 2)}
+
+
+def run_txt2img(b: Bench, pipe, theirs, sizes):
+    size = sizes[0][0]
+    with kernels.backend("auto"):
+        ours = b.time_ms(lambda: ours_image(pipe, size, 1), warmup=1, iters=5)
+        eager = b.time_ms(lambda: theirs_image(theirs, size, 1), warmup=1, iters=3)
+        memory = []
+        for s, batch in sizes:
+            pipe._graphs = None  # each size's graphs and pool counted afresh
+            memory.append({"size": s, "batch": batch, "tritonsd_peak_mb": b.peak_mb(lambda: ours_image(pipe, s, batch)),
+                           "diffusers_eager_peak_mb": b.peak_mb(lambda: theirs_image(theirs, s, batch))})
+            print(memory[-1], flush=True)
+    weights = {"tritonsd_weights_mb": round(sum(t.numel() * t.element_size() for t in pipe.model.state_dict().values()) / 2**20, 1)}
+    return {"size": size, "steps": STEPS, "tritonsd_ms": ours, "diffusers_eager_ms": eager,
+            "speedup_vs_eager": round(eager / ours, 2), "memory_beyond_weights": memory, **weights}
+
+
+def run_compiled(b: Bench, pipe, theirs, size, previous: dict):
+    unet, decode = theirs.unet, theirs.vae.decode
+    theirs.unet = torch.compile(unet, mode="reduce-overhead", fullgraph=True)
+    theirs.vae.decode = torch.compile(decode, mode="reduce-overhead", fullgraph=True)
+    try:
+        b.sync()
+        t0 = time.perf_counter()
+        theirs_image(theirs, size, 1)
+        b.sync()
+        first = time.perf_counter() - t0
+        image = b.time_ms(lambda: theirs_image(theirs, size, 1), warmup=1, iters=3)
+        inputs = StepInputs(pipe, size, 1)
+        with torch.inference_mode():
+            step = b.time_ms(lambda: inputs.theirs(theirs.unet), warmup=3, iters=20)
+            z = torch.randn(1, 4, size // 8, size // 8, device=b.device, dtype=pipe.dtype)
+            vae = b.time_ms(lambda: theirs.vae.decode(z).sample, warmup=3, iters=10)
+    finally:
+        theirs.unet, theirs.vae.decode = unet, decode
+    result = {"size": size, "first_image_s_with_compilation": round(first, 1), "txt2img_ms": image,
+              "unet_step_ms": step, "vae_decode_ms": vae}
+    ours_step = next((r["tritonsd_ms"] for r in previous.get("unet_step", {}).get("rows", []) if r["size"] == size and r["batch"] == 1), None)
+    if ours_step:
+        result["tritonsd_step_speedup_vs_compiled"] = round(step / ours_step, 2)
+    if "tritonsd_ms" in previous.get("vae_decode", {}):
+        result["tritonsd_vae_speedup_vs_compiled"] = round(vae / previous["vae_decode"]["tritonsd_ms"], 2)
+    if "tritonsd_ms" in previous.get("txt2img", {}):
+        result["tritonsd_txt2img_speedup_vs_compiled"] = round(image / previous["txt2img"]["tritonsd_ms"], 2)
+    return result
+
+
+COLD_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from engine.pipeline import Pipeline
+t1 = time.perf_counter()
+pipe = Pipeline.from_checkpoint(sys.argv[1], device=sys.argv[2], dtype=getattr(torch, sys.argv[3]))
+t2 = time.perf_counter()
+pipe.txt2img("a photograph of an astronaut riding a horse", steps=30, seed=0, width=int(sys.argv[4]), height=int(sys.argv[4]), output_type="np")
+t3 = time.perf_counter()
+print(json.dumps({"import_s": round(t1 - t0, 2), "load_s": round(t2 - t1, 2), "first_image_s": round(t3 - t2, 2), "total_s": round(t3 - t0, 2)}))
+"""
+
+
+def run_cold_start(b: Bench, pipe, config, size, tmp: Path):
+    path = tmp / "model.safetensors"
+    loader.save(pipe.model, config, path, dtype=pipe.dtype)
+    cache = tmp / "triton-cache"
+    env = dict(os.environ, TRITON_CACHE_DIR=str(cache), TRITONSD_KERNELS="auto", PYTHONPATH=str(ROOT))
+    result = {"checkpoint_mb": round(path.stat().st_size / 2**20, 1)}
+    for name in ("empty_triton_cache", "warm_triton_cache"):
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", COLD_CHILD, str(path), b.device.type, str(pipe.dtype).removeprefix("torch."), str(size)],
+                              env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        wall = time.perf_counter() - t0
+        if proc.returncode:
+            raise RuntimeError(f"{name}: child failed: {proc.stderr[-2000:]}")
+        result[name] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_wall_s": round(wall, 2)}
+    path.unlink()
+    return result
+
+
+def run_profile(b: Bench, pipe, size):
+    from torch.profiler import ProfilerActivity, profile
+    if b.device.type != "cuda":
+        return {"skipped": "needs CUDA"}
+    inputs = StepInputs(pipe, size, 1)
+    with torch.inference_mode(), kernels.backend("auto"):
+        for _ in range(2):
+            inputs.eager_unet(pipe)
+        b.sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            inputs.eager_unet(pipe)
+            b.sync()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "device_time_total", 0) > 0]
+    total = sum(e.device_time_total for e in events) / 1e3
+    top = sorted(events, key=lambda e: e.device_time_total, reverse=True)[:25]
+    return {"size": size, "batch": 1, "gpu_ms_total": round(total, 3), "kernels": [
+        {"name": e.key[:160], "calls": e.count, "ms": round(e.device_time_total / 1e3, 3),
+         "share": round(e.device_time_total / 1e3 / total, 3)} for e in top]}
+
+
+def run_layouts(b: Bench, pipe, size):
+    inputs = StepInputs(pipe, size, 1)
+    z = torch.randn(1, 4, size // 8, size // 8, device=b.device, dtype=pipe.dtype)
+    result = {}
+    variants = [("channels_last", torch.channels_last, False), ("nchw", torch.contiguous_format, False),
+                ("channels_last_cudnn_benchmark", torch.channels_last, True)]
+    with torch.inference_mode(), kernels.backend("auto"):
+        for name, layout, autotune in variants:
+            pipe.unet.to(memory_format=layout)
+            pipe.vae.to(memory_format=layout)
+            pipe._graphs = None
+            torch.backends.cudnn.benchmark = autotune
+            result[name] = {"unet_step_ms": b.time_ms(lambda: inputs.ours(pipe), iters=20),
+                            "vae_decode_ms": b.time_ms(lambda: pipe.decode(z))}
+    torch.backends.cudnn.benchmark = False
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    pipe._graphs = None
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write the figures here, section by section")
+    parser.add_argument("--model", choices=sorted(MODELS), default="sd15")
+    parser.add_argument("--skip", default="", help=f"comma-separated sections to leave out, of {','.join(SECTIONS)}")
+    args = parser.parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - set(SECTIONS):
+        parser.error(f"--skip takes sections of {','.join(SECTIONS)}; got {args.skip!r}")
+    if not torch.cuda.is_available() and args.model != "tiny":
+        print("bench/e2e.py: needs a CUDA GPU (or --model tiny to check the script on the CPU)", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    b = Bench(device, args.json)
+    sizes = MODELS[args.model]["sizes"]
+    size = sizes[0][0]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        pipe, theirs, config = build(args.model, device, dtype, tmp)
+        b.report["model"] = {"name": args.model, "dtype": str(dtype).removeprefix("torch."), "steps": STEPS,
+                             "sampler": "euler", "guidance": GUIDANCE}
+        plan = [
+            ("accuracy", run_accuracy, b, pipe, theirs, config, size),
+            ("unet_step", run_unet_step, b, pipe, theirs, sizes),
+            ("vae_decode", run_vae_decode, b, pipe, theirs, size),
+            ("txt2img", run_txt2img, b, pipe, theirs, sizes),
+            ("profile", run_profile, b, pipe, size),
+            ("layouts", run_layouts, b, pipe, size),
+            ("cold_start", run_cold_start, b, pipe, config, size, tmp),
+            ("compiled", run_compiled, b, pipe, theirs, size, b.report["sections"]),
+        ]
+        for name, fn, *fn_args in plan:
+            if name not in skip:
+                b.section(name, fn, *fn_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
