@@ -4,6 +4,13 @@ Each program owns BLOCK_M query rows of one (batch, head) and streams over the k
 BLOCK_N, keeping a running row maximum and row sum (online softmax, float32). Scores are scaled by
 scale * log2(e) so the exponentials are exp2. The head dimension is padded to a power of two with
 masked loads, which covers SD's 40, 80 and 160 as well as 64.
+
+Triton vectorises a load only as far as it can prove the addresses aligned, and it knows an integer
+argument's alignment only when the argument is a multiple of 16. A [B, L, H, D] view has a head
+stride of D, which for D = 40 or 80 is not, so every q/k/v/o address would count as 2-byte aligned
+and the tiles would load element by element. When all batch, head and row strides are multiples of
+8 elements, the launcher passes them divided by 8 (ALIGN = 8) and the kernel multiplies back, which
+proves 16-byte alignment to the compiler.
 """
 
 import math
@@ -28,16 +35,20 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, Lq, Lk, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    O += b * stride_ob + h * stride_oh
+    Q += (b * stride_qb + h * stride_qh) * ALIGN
+    K += (b * stride_kb + h * stride_kh) * ALIGN
+    V += (b * stride_vb + h * stride_vh) * ALIGN
+    O += (b * stride_ob + h * stride_oh) * ALIGN
+    stride_qm *= ALIGN
+    stride_kn *= ALIGN
+    stride_vn *= ALIGN
+    stride_om *= ALIGN
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -85,19 +96,20 @@ def _attention_fwd_kernel(
              mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). tl.dot needs every tile side >= 16 on GPU. The GPU
-    choices are the largest tiles that compile for sm_90 without register spills."""
+def _config(block_d: int, lk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). tl.dot needs every tile side >= 16 on GPU. The
+    half-precision choices come from a sweep at SD1.5's shapes on an H200 (bench/attention_sweep.py,
+    bench/NOTES.md): cross-attention's 77 keys take narrower key blocks."""
     if INTERPRET:
         return 32, 16, 4, 1
     if dtype == torch.float32:
         # IEEE float32 dots run on the FMA units with operands in registers: keep tiles small.
         return (64, 32, 8, 2) if block_d <= 128 else (32, 16, 8, 2)
-    if block_d <= 64:
-        return 128, 64, 8, 3
     if block_d <= 128:
-        return 64, 64, 8, 3
-    return 32, 32, 4, 2
+        if lk <= 128:
+            return (128, 32, 4, 3) if block_d <= 64 else (128, 32, 8, 3)
+        return 128, 64, 8, 3
+    return 64, 64, 4, 2
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -133,15 +145,19 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     block_d = max(16, triton.next_power_of_2(D))
-    block_m, block_n, num_warps, num_stages = _config(block_d, q.dtype)
+    block_m, block_n, num_warps, num_stages = _config(block_d, Lk, q.dtype)
+    # Batch, head and row strides (not the head-dim ones): divided by ALIGN when all allow it.
+    outer = [st for t in (q, k, v, out) for st in t.stride()[:3]]
+    align = 8 if all(st % 8 == 0 for st in outer) else 1
+    strides = [st // align if i % 4 < 3 else st for i, st in enumerate(
+        [*q.stride(), *k.stride(), *v.stride(), *out.stride()])]
     grid = (triton.cdiv(Lq, block_m), B * H)
     _attention_fwd_kernel[grid](
-        q, k, v, out,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, *strides,
         H, Lq, Lk, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, EVEN_N=Lk % block_n == 0,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ALIGN=align,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
