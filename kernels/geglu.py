@@ -13,8 +13,6 @@ import triton.language as tl
 
 from .dispatch import INTERPRET, use_triton
 
-SQRT1_2 = 0.7071067811865476
-
 
 @triton.jit
 def _geglu_kernel(X, Y, I, stride_x, stride_y, BLOCK: tl.constexpr):
@@ -23,7 +21,7 @@ def _geglu_kernel(X, Y, I, stride_x, stride_y, BLOCK: tl.constexpr):
     mask = cols < I
     h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(X + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
-    y = h * gate * 0.5 * (1.0 + tl.math.erf(gate * SQRT1_2))
+    y = h * gate * 0.5 * (1.0 + tl.math.erf(gate * 0.7071067811865476))  # erf(gate / sqrt(2))
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
