@@ -229,8 +229,13 @@ def run_accuracy(b: Bench, pipe, theirs, config, size):
     ref_model = StableDiffusion.on_meta(config)
     ref_model.load_state_dict(state, strict=True, assign=True)
     ref = Pipeline(ref_model.eval(), pipe.tokenizer)
-    with kernels.backend("torch"):
-        want = ours_image(ref, size, 1)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a float32 reference, not tf32
+    try:
+        with kernels.backend("torch"):
+            want = ours_image(ref, size, 1)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     del ref, ref_model, state
     gc.collect()
     return {"psnr_fp16_vs_fp32_reference_db": psnr(fast, want), "psnr_vs_diffusers_fp16_db": psnr(fast, theirs_image(theirs, size, 1))}

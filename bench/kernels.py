@@ -8,8 +8,9 @@ implementations of the same op, on the same GPU, in the same run.
   [B, L, H*D] as strided views); against SDPA with each of its FLASH_ATTENTION,
   EFFICIENT_ATTENTION and CUDNN_ATTENTION backends (one that refuses the input is skipped).
   TFLOP/s = 4 * B * H * Lq * Lk * D / time.
-- group_norm: GroupNorm(32) + SiLU on the UNet's and the VAE decoder's activations, against
-  F.silu(F.group_norm(...)). GB/s counts one read of x and one write of y.
+- group_norm: GroupNorm(32) + SiLU on the UNet's and the VAE decoder's activations, NCHW and (as
+  the engine runs them) channels_last, against F.silu(F.group_norm(...)). GB/s counts one read of x
+  and one write of y.
 - step: guidance + sampler update on [1, 4, 64, 64] latents (float32; float16 UNet output; with
   extra and noise), against the same arithmetic in eager PyTorch. GB/s counts each input read once
   and each output written once.
@@ -50,6 +51,8 @@ GROUP_NORM_SHAPES = [
     (1, 512, 64, 64), (1, 512, 128, 128), (1, 512, 256, 256), (1, 256, 512, 512), (1, 128, 512, 512),
     (1, 512, 512, 512),
 ]
+# The engine's activations on CUDA are channels_last: a group is then a run of C/G channels at every pixel.
+GROUP_NORM_CHANNELS_LAST = [(2, 320, 64, 64), (2, 1280, 16, 16), (1, 256, 512, 512), (1, 128, 512, 512)]
 STEP_SHAPE = (1, 4, 64, 64)
 
 
@@ -91,14 +94,18 @@ def bench_attention(dtype):
 
 
 def bench_group_norm(dtype):
-    for shape in GROUP_NORM_SHAPES:
+    cases = [(shape, False) for shape in GROUP_NORM_SHAPES] + [(shape, True) for shape in GROUP_NORM_CHANNELS_LAST]
+    for shape, channels_last in cases:
         x = torch.randn(shape, device="cuda", dtype=dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
         weight, bias = (torch.randn(shape[1], device="cuda", dtype=dtype) for _ in range(2))
         times = {
             "triton": time_ms(lambda: group_norm_triton(x, 32, weight, bias, 1e-5, silu=True)),
             "torch": time_ms(lambda: F.silu(F.group_norm(x, 32, weight, bias, 1e-5))),
         }
-        yield {"op": "group_norm+silu", "case": "x".join(map(str, shape)), "shape": list(shape),
+        yield {"op": "group_norm+silu", "case": "x".join(map(str, shape)) + (" channels_last" if channels_last else ""),
+               "shape": list(shape), "channels_last": channels_last,
                "unit": "GB/s", "times_ms": times, "work": 2 * x.numel() * x.element_size() / 1e9}
         del x
 
