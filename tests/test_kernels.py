@@ -120,6 +120,28 @@ def test_attention_rejects_bad_inputs():
         attention_triton(q[0], q[0], q[0])
 
 
+@pytest.mark.parametrize("head_dim,align", [(40, 8), (80, 8), (160, 8), (33, 1), (20, 1)])
+def test_attention_proves_alignment_only_when_strides_allow(monkeypatch, head_dim, align):
+    """Head-strided [B, L, H, D] views get ALIGN = 8 (16-byte loads on GPU) when every batch, head and row stride is
+    a multiple of 8 elements, and ALIGN = 1 otherwise; either way the kernel sees the true strides."""
+    attention_module = importlib.import_module("kernels.attention")
+    launched = {}
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.update(kwargs, strides=args[4:20])
+            return launch
+
+    monkeypatch.setattr(attention_module, "_attention_fwd_kernel", Spy())
+    q = randn(2, 16, 8, head_dim).transpose(1, 2)
+    attention_triton(q, q, q)
+    assert launched["ALIGN"] == align, f"D={head_dim}: ALIGN {launched['ALIGN']}, expected {align}"
+    true = [*q.stride(), *q.stride(), *q.stride(), 16 * 8 * head_dim, head_dim, 8 * head_dim, 1]
+    seen = [st * (align if i % 4 < 3 else 1) for i, st in enumerate(launched["strides"])]
+    assert seen == true, f"D={head_dim}: strides times ALIGN {seen} != the tensors' strides {true}"
+
+
 # --------------------------------------------------------------------------------------- group norm
 
 

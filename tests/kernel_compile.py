@@ -1,0 +1,99 @@
+"""Ahead-of-time compilation of every kernel variant the engine launches at SD1.5's shapes, for Hopper (sm_90), with
+no GPU. Run as a script it compiles them all and prints one JSON line: {case: {"error": ..., "narrow_loads": ...}}.
+
+It must run without TRITON_INTERPRET: under the interpreter, Triton's own jitted helpers (tl.cdiv, tl.sigmoid) are
+interpreter functions and cannot be compiled. Pointer arguments are taken as 16-byte aligned and integer arguments
+as of unknown alignment, as a launch on strided views would specialise them."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+CASES = (
+    [f"attention-{dt}-D{d}-Lk{lk}{'-causal' if causal else ''}" for dt in ("fp16", "bf16", "fp32")
+     for d, lk, causal in ((40, 4096, False), (40, 77, False), (80, 1024, False), (80, 77, False), (160, 256, False),
+                           (160, 77, False), (64, 77, True), (256, 20, False))]
+    + [f"group_norm-{dt}-{shape}-{'shift' if shift else 'plain'}" for dt in ("fp16", "fp32")
+       for shape in ("2x320x4096-cl", "2x1280x64-cl", "1x128x262144-nchw") for shift in (False, True)]
+    + [f"guided_step-{flags}" for flags in ("guided", "guided-extra", "noise")]
+    + [f"geglu-{dt}" for dt in ("fp16", "bf16", "fp32")]
+)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _compile(kernel, pointers: dict, constants: dict, floats=(), num_warps=4, num_stages=3) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = {
+        n: "constexpr" if n in constants else "*" + pointers[n] if n in pointers else "fp32" if n in floats else "i32"
+        for n in names
+    }
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers}
+    compiled = triton.compile(ASTSource(kernel, signature, constants, aligned), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    return compiled.asm["ptx"]
+
+
+def compile_case(case: str) -> str:
+    import triton
+
+    from kernels import attention, group_norm
+    from kernels.geglu import _geglu_kernel
+    from kernels.group_norm import _group_norm_apply_kernel, _group_norm_stats_kernel, plan
+    from kernels.guided_step import _guided_step_kernel
+
+    op, *rest = case.split("-")
+    if op == "attention":
+        from kernels.attention import _attention_fwd_kernel, _config
+
+        dt, d, lk = rest[0], int(rest[1][1:]), int(rest[2][2:])
+        causal = "causal" in rest
+        block_d = max(16, triton.next_power_of_2(d))
+        block_m, block_n, warps, stages = _config(block_d, lk, DTYPES[dt])
+        constants = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+                         EVEN_N=lk % block_n == 0, PRECISION="ieee" if dt == "fp32" else "tf32", ALIGN=8,
+                         stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
+        return _compile(_attention_fwd_kernel, dict.fromkeys("QKVO", dt), constants, ("qk_scale",), warps, stages)
+    if op == "group_norm":
+        dt, shape, shift = rest[0], rest[1], rest[3] == "shift"
+        n, c, s = map(int, shape.split("x"))
+        channels_last = rest[2] == "cl"
+        cfg = plan(n, c, s, 32, channels_last)
+        constants = dict(CG=c // 32, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, HAS_SHIFT=shift)
+        constants["stride_c" if channels_last else "stride_s"] = 1
+        ptx = _compile(_group_norm_stats_kernel, {"X": dt, "SHIFT": dt, "PART": "fp32"}, constants,
+                       num_warps=cfg.num_warps)
+        return ptx + _compile(_group_norm_apply_kernel, {"X": dt, "Y": dt, "W": dt, "B": dt, "SHIFT": dt, "PART": "fp32"},
+                              dict(constants, BLOCK_P=triton.next_power_of_2(cfg.num_chunks), SILU=True),
+                              ("eps",), cfg.num_warps)
+    if op == "guided_step":
+        pointers = dict(MODEL_OUT="fp16", X="fp32", EXTRA="fp32", NOISE="fp32", COEF="fp32", X_OUT="fp32",
+                        EXTRA_OUT="fp32", GUIDANCE="fp32")
+        flags = set(rest)
+        return _compile(_guided_step_kernel, pointers, dict(GUIDED="guided" in flags, HAS_EXTRA="extra" in flags,
+                                                            HAS_NOISE="noise" in flags, BLOCK=2048))
+    if op == "geglu":
+        return _compile(_geglu_kernel, {"X": rest[0], "Y": rest[0]}, {"BLOCK": 2048}, num_warps=8)
+    raise ValueError(f"unknown case {case!r}")
+
+
+def main() -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    results = {}
+    for case in CASES:
+        try:
+            ptx = compile_case(case)
+            results[case] = {"error": None, "narrow_loads": ptx.count("ld.global.b16")}
+        except Exception as e:  # each failure is reported by its own test
+            results[case] = {"error": f"{type(e).__name__}: {e}"[-2000:], "narrow_loads": None}
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
