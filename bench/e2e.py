@@ -170,8 +170,9 @@ def build(model: str, device: torch.device, dtype: torch.dtype, tmp: Path):
     (folder / "vocab.json").write_text(json.dumps(tokenizer.vocab))
     merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    # SD 1.5's scheduler config, whose Euler timesteps are evenly spaced ("linspace"), as tritonsd's euler.
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+                                       num_train_timesteps=1000, steps_offset=1)
     theirs = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=HFTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77),
                                      unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                      requires_safety_checker=False)
