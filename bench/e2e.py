@@ -271,7 +271,7 @@ def run_txt2img(b: Bench, pipe, theirs, sizes):
         eager = b.time_ms(lambda: theirs_image(theirs, size, 1), warmup=1, iters=3)
         memory = []
         for s, batch in sizes:
-            pipe._graphs = None  # each size's graphs and pool counted afresh
+            pipe.release_cuda_graphs()  # each size's graphs and pool counted afresh
             memory.append({"size": s, "batch": batch, "tritonsd_peak_mb": b.peak_mb(lambda: ours_image(pipe, s, batch)),
                            "diffusers_eager_peak_mb": b.peak_mb(lambda: theirs_image(theirs, s, batch))})
             print(memory[-1], flush=True)
@@ -372,14 +372,14 @@ def run_layouts(b: Bench, pipe, size):
         for name, layout, autotune in variants:
             pipe.unet.to(memory_format=layout)
             pipe.vae.to(memory_format=layout)
-            pipe._graphs = None
+            pipe.release_cuda_graphs()
             torch.backends.cudnn.benchmark = autotune
             result[name] = {"unet_step_ms": b.time_ms(lambda: inputs.ours(pipe), iters=20),
                             "vae_decode_ms": b.time_ms(lambda: pipe.decode(z))}
     torch.backends.cudnn.benchmark = False
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
-    pipe._graphs = None
+    pipe.release_cuda_graphs()
     return result
 
 

@@ -66,6 +66,10 @@ class Pipeline:
         image = self._run("decode", self.vae.decode, (latents / self.vae.scaling_factor).to(self.dtype))
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
+    def release_cuda_graphs(self) -> None:
+        """Drop the captured CUDA graphs and the memory they hold; the next call at each size captures again."""
+        self._graphs = None
+
     def _run(self, name: str, fn, *args):
         """fn(*args), replayed from a CUDA graph on CUDA. The kernel mode is part of the key: it picks the code
         that a graph records."""
