@@ -1,20 +1,21 @@
 """GroupNorm with affine parameters and an optional fused SiLU.
 
-A group of sample n is a [C/G, S] slab of x (S = product of the spatial dims). SD's VAE has 32
-groups of about a million elements each at 512x512, so one program per group would leave most of
-the GPU idle. The group's spatial range is therefore cut into chunks, and two kernels run:
+A group of sample n is C/G channels at every one of S spatial positions (S = product of the spatial dims).
+SD's VAE has 32 groups of about a million elements each at 512x512, so one program per group would leave
+most of the GPU idle: the spatial range is cut into chunks, each program reduces one chunk to Welford
+statistics (count, mean, M2) in float32, and the chunks are merged with Chan's formula. How a program
+walks its chunk follows the memory layout, so every load is a contiguous run:
 
-1. `_group_norm_stats_kernel`, one program per (n, group, chunk): Welford statistics of the chunk
-   (count, mean, M2) in float32, written to a small buffer.
-2. `_group_norm_apply_kernel`, one program per (n, group, chunk): merges the group's chunk
-   statistics (Chan et al.), then normalizes its chunk, applies weight and bias, and SiLU.
+- NCHW: a group is a contiguous [C/G, S] slab. `_group_norm_stats_kernel` takes one (n, group, chunk);
+  `_group_norm_apply_kernel` merges the group's chunk statistics, then normalises its chunk.
+- channels_last: a pixel's C channels are contiguous and a group is only 4-40 of them, so programs take
+  whole pixels, [BLOCK_S, BLOCK_C] tiles across all groups. `_group_norm_nhwc_stats_kernel` writes
+  per-channel chunk statistics, `_group_norm_nhwc_finalize_kernel` merges them per group into a
+  per-channel centre and scale, and `_group_norm_nhwc_apply_kernel` normalises.
 
-Both walk the slab in [BLOCK_C, BLOCK_S] tiles through strides, so NCHW-contiguous and
-channels_last inputs are read in place and the output keeps the input's memory format.
-
-An optional per-(sample, channel) `shift` is added to x as it is read, before the statistics: the
-UNet's ResBlock normalises conv(h) + conv bias + timestep embedding, and the VAE's normalises
-conv(h) + conv bias, so the convolution runs without its bias and no separate pass adds them.
+The output keeps the input's memory format. An optional per-(sample, channel) `shift` is added to x as it is
+read, before the statistics: the UNet's ResBlock normalises conv(h) + conv bias + timestep embedding, and the
+VAE's normalises conv(h) + conv bias, so the convolution runs without its bias and no separate pass adds them.
 """
 
 from typing import NamedTuple
@@ -33,28 +34,26 @@ MIN_CHUNK_ELEMENTS = 8192
 
 @triton.jit
 def _group_norm_stats_kernel(
-    X, SHIFT, PART,
-    C, S, stride_n, stride_c, stride_s, stride_shift_n, s_chunk,
+    X, SHIFT, PART, C, S, stride_shift_n, s_chunk,
     CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
     ng = tl.program_id(0)
     chunk = tl.program_id(1)
     n = ng // (C // CG)
     g = ng % (C // CG)
-    X += n.to(tl.int64) * stride_n + (g * CG).to(tl.int64) * stride_c
+    X += ng.to(tl.int64) * CG * S
     SHIFT += n * stride_shift_n + g * CG
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
     s_start = chunk * s_chunk
     s_end = tl.minimum(s_start + s_chunk, S)
 
-    # Per-lane Welford. BLOCK_C divides CG or covers it in one block, and only the last spatial
-    # block has a tail, so a lane valid at step k was valid at every earlier step: the update
-    # weight 1/k is the same scalar for all valid lanes.
+    # Per-lane Welford. BLOCK_C divides CG, and only the last spatial block has a tail, so a lane valid
+    # at step k was valid at every earlier step: the update weight 1/k is the same scalar for all valid lanes.
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     count = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    num_c_blocks = (CG + BLOCK_C - 1) // BLOCK_C
+    num_c_blocks = CG // BLOCK_C
     num_s_blocks = tl.cdiv(s_end - s_start, BLOCK_S)
     for i in range(0, num_s_blocks):
         s = s_start + i * BLOCK_S + offs_s
@@ -62,10 +61,10 @@ def _group_norm_stats_kernel(
         for j in range(0, num_c_blocks):
             c = j * BLOCK_C + offs_c
             mask = (c < CG)[:, None] & s_mask[None, :]
-            x = tl.load(X + c[:, None] * stride_c + s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + c[:, None] * S + s[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_SHIFT:
-                x += tl.load(SHIFT + c, mask=c < CG, other=0.0).to(tl.float32)[:, None]
-            inv_step = 1.0 / (i * num_c_blocks + j + 1).to(tl.float32)
+                x += tl.load(SHIFT + c).to(tl.float32)[:, None]
+            inv_step = 1.0 / (i * num_c_blocks + j + 1.0)
             delta = x - mean
             mean += tl.where(mask, delta * inv_step, 0.0)
             m2 += tl.where(mask, delta * (x - mean), 0.0)
@@ -84,8 +83,7 @@ def _group_norm_stats_kernel(
 
 @triton.jit
 def _group_norm_apply_kernel(
-    X, Y, W, B, SHIFT, PART,
-    C, S, stride_n, stride_c, stride_s, stride_shift_n, s_chunk, eps,
+    X, Y, W, B, SHIFT, PART, C, S, stride_shift_n, s_chunk, eps,
     CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
     SILU: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
@@ -107,7 +105,7 @@ def _group_norm_apply_kernel(
     var = (tl.sum(m2s, 0) + tl.sum(counts * d * d, 0)) / total
     rstd = tl.rsqrt(var + eps)
 
-    base = n.to(tl.int64) * stride_n + (g * CG).to(tl.int64) * stride_c
+    base = ng.to(tl.int64) * CG * S
     X += base
     Y += base
     W += g * CG
@@ -122,18 +120,132 @@ def _group_norm_apply_kernel(
         s_mask = s < s_end
         for c0 in range(0, CG, BLOCK_C):
             c = c0 + offs_c
-            c_mask = c < CG
-            mask = c_mask[:, None] & s_mask[None, :]
-            offs = c[:, None] * stride_c + s[None, :] * stride_s
+            mask = s_mask[None, :]
+            offs = c[:, None] * S + s[None, :]
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_SHIFT:
-                x += tl.load(SHIFT + c, mask=c_mask, other=0.0).to(tl.float32)[:, None]
-            w = tl.load(W + c, mask=c_mask, other=0.0).to(tl.float32)
-            b = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32)
+                x += tl.load(SHIFT + c).to(tl.float32)[:, None]
+            w = tl.load(W + c).to(tl.float32)
+            b = tl.load(B + c).to(tl.float32)
             y = (x - mean) * rstd * w[:, None] + b[:, None]
             if SILU:
                 y = y * tl.sigmoid(y)
             tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_nhwc_stats_kernel(
+    X, SHIFT, PART, C, S, stride_shift_n, s_chunk,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SHIFT: tl.constexpr,
+):
+    n = tl.program_id(0)
+    chunk = tl.program_id(1)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    offs_s = tl.arange(0, BLOCK_S)
+    X += n.to(tl.int64) * S * C
+    s_start = chunk * s_chunk
+    s_end = tl.minimum(s_start + s_chunk, S)
+    if HAS_SHIFT:
+        shift = tl.load(SHIFT + n * stride_shift_n + c, mask=c_mask, other=0.0).to(tl.float32)
+
+    # Per-lane Welford; only the last spatial block has a tail, so every valid lane has seen i + 1 values.
+    mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    count = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for i in range(0, tl.cdiv(s_end - s_start, BLOCK_S)):
+        s = s_start + i * BLOCK_S + offs_s
+        mask = (s < s_end)[:, None] & c_mask[None, :]
+        x = tl.load(X + s.to(tl.int64)[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            x += shift[None, :]
+        inv_step = 1.0 / (i + 1.0)
+        delta = x - mean
+        mean += tl.where(mask, delta * inv_step, 0.0)
+        m2 += tl.where(mask, delta * (x - mean), 0.0)
+        count += mask.to(tl.float32)
+
+    # Chan's merge over the pixels of each channel; channels past C have a count of 0 and are not stored.
+    total = tl.sum(count, 0)
+    chunk_mean = tl.sum(count * mean, 0) / tl.maximum(total, 1.0)
+    d = mean - chunk_mean[None, :]
+    chunk_m2 = tl.sum(m2 + count * d * d, 0)
+    PART += (n * tl.num_programs(1) + chunk) * 3 * C + c
+    tl.store(PART, total, mask=c_mask)
+    tl.store(PART + C, chunk_mean, mask=c_mask)
+    tl.store(PART + 2 * C, chunk_m2, mask=c_mask)
+
+
+@triton.jit
+def _group_norm_nhwc_finalize_kernel(
+    PART, W, SHIFT, CENTRE, SCALE, C, num_chunks, stride_shift_n, eps,
+    CG: tl.constexpr, BLOCK: tl.constexpr, HAS_SHIFT: tl.constexpr,
+):
+    ng = tl.program_id(0)
+    n = ng // (C // CG)
+    g = ng % (C // CG)
+    PART += n * num_chunks * 3 * C + g * CG
+    offs = tl.arange(0, BLOCK)
+    items = num_chunks * CG
+
+    # Two passes over the group's (chunk, channel) statistics: the mean first, then M2 around it.
+    count_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, items, BLOCK):
+        i = start + offs
+        mask = i < items
+        part = PART + (i // CG) * 3 * C + i % CG
+        counts = tl.load(part, mask=mask, other=0.0)
+        count_acc += counts
+        sum_acc += counts * tl.load(part + C, mask=mask, other=0.0)
+    total = tl.sum(count_acc, 0)
+    mean = tl.sum(sum_acc, 0) / total
+    m2_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, items, BLOCK):
+        i = start + offs
+        mask = i < items
+        part = PART + (i // CG) * 3 * C + i % CG
+        d = tl.load(part + C, mask=mask, other=0.0) - mean
+        m2_acc += tl.load(part + 2 * C, mask=mask, other=0.0) + tl.load(part, mask=mask, other=0.0) * d * d
+    rstd = tl.rsqrt(tl.sum(m2_acc, 0) / total + eps)
+
+    # y = (x - centre) * scale + bias, with the shift folded into the centre.
+    for c0 in range(0, CG, BLOCK):
+        c = g * CG + c0 + offs
+        mask = c0 + offs < CG
+        centre = tl.zeros([BLOCK], dtype=tl.float32) + mean
+        if HAS_SHIFT:
+            centre -= tl.load(SHIFT + n * stride_shift_n + c, mask=mask, other=0.0).to(tl.float32)
+        tl.store(CENTRE + n * C + c, centre, mask=mask)
+        tl.store(SCALE + n * C + c, rstd * tl.load(W + c, mask=mask, other=0.0).to(tl.float32), mask=mask)
+
+
+@triton.jit
+def _group_norm_nhwc_apply_kernel(
+    X, Y, B, CENTRE, SCALE, C, S, s_chunk,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
+):
+    n = tl.program_id(0)
+    chunk = tl.program_id(1)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    offs_s = tl.arange(0, BLOCK_S)
+    base = n.to(tl.int64) * S * C
+    X += base
+    Y += base
+    centre = tl.load(CENTRE + n * C + c, mask=c_mask, other=0.0)[None, :]
+    scale = tl.load(SCALE + n * C + c, mask=c_mask, other=0.0)[None, :]
+    b = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    s_start = chunk * s_chunk
+    s_end = tl.minimum(s_start + s_chunk, S)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + offs_s
+        mask = (s < s_end)[:, None] & c_mask[None, :]
+        offs = s.to(tl.int64)[:, None] * C + c[None, :]
+        y = (tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - centre) * scale + b
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 class Plan(NamedTuple):
@@ -145,20 +257,22 @@ class Plan(NamedTuple):
 
 
 def plan(n: int, c: int, s: int, num_groups: int, channels_last: bool, num_chunks: int | None = None) -> Plan:
-    """Tiles and split for x [n, c, s]. The tile is [BLOCK_C, BLOCK_S]: BLOCK_C either covers the group's
-    channels in one masked block (channels_last, where they are the contiguous run) or divides C/G
-    exactly, which the stats kernel's Welford update relies on. By default each group is split into
-    enough chunks to give the GPU TARGET_PROGRAMS programs, but none under MIN_CHUNK_ELEMENTS."""
-    cg = c // num_groups
+    """Tiles and split for x [n, c, s]. NCHW programs take [BLOCK_C, BLOCK_S] tiles of one group, BLOCK_C
+    dividing C/G exactly (the stats kernel's Welford update relies on it). channels_last programs take
+    [BLOCK_S, BLOCK_C] tiles of whole pixels, BLOCK_C a power of two that divides C when one of at least 16
+    does (SD's channel counts are multiples of 64). By default the spatial range is split into enough chunks
+    to give the GPU TARGET_PROGRAMS programs, but none under MIN_CHUNK_ELEMENTS."""
     tile = 1024 if INTERPRET else 4096
-    if channels_last and cg <= 128:
-        block_c = triton.next_power_of_2(cg)
+    if channels_last:
+        block_c = min(c & -c if c & -c >= 16 else triton.next_power_of_2(c), 128)
+        programs_per_chunk, chunk_width = n * triton.cdiv(c, block_c), block_c
     else:
-        block_c = min(cg & -cg, 64)
+        block_c = min((c // num_groups) & -(c // num_groups), 64)
+        programs_per_chunk, chunk_width = n * num_groups, c // num_groups
     block_s = min(triton.next_power_of_2(s), max(tile // block_c, 1))
     s_blocks = triton.cdiv(s, block_s)
     if num_chunks is None:
-        num_chunks = min(triton.cdiv(TARGET_PROGRAMS, n * num_groups), triton.cdiv(cg * s, MIN_CHUNK_ELEMENTS))
+        num_chunks = min(triton.cdiv(TARGET_PROGRAMS, programs_per_chunk), triton.cdiv(chunk_width * s, MIN_CHUNK_ELEMENTS))
     elif num_chunks < 1:
         raise ValueError(f"num_chunks must be at least 1; got {num_chunks}")
     s_chunk = triton.cdiv(s_blocks, max(1, min(num_chunks, s_blocks))) * block_s
@@ -188,8 +302,8 @@ def _check_inputs(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: 
 def group_norm_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
                       eps: float = 1e-5, silu: bool = False, shift: torch.Tensor | None = None, *,
                       num_chunks: int | None = None) -> torch.Tensor:
-    """Launch the two GroupNorm kernels. `num_chunks` overrides the per-group split (it is capped at
-    the number of spatial tiles); by default it is chosen from the group size."""
+    """Launch the GroupNorm kernels for x's memory layout. `num_chunks` overrides the split of the spatial
+    range (it is capped at the number of spatial tiles); by default it is chosen from the sizes."""
     _check_inputs(x, num_groups, weight, bias, shift)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"group_norm_triton supports float16, bfloat16 and float32; got {x.dtype}")
@@ -201,24 +315,41 @@ def group_norm_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bi
     N, C = x.shape[:2]
     S = x[0, 0].numel()
     cg = C // num_groups
-    # In both layouts the spatial dims merge into one: its stride is that of the innermost non-trivial one.
     channels_last = x.stride(1) == 1 and C > 1
-    spatial_strides = [st for size, st in zip(x.shape[2:], x.stride()[2:]) if size > 1]
-    stride_s = spatial_strides[-1] if spatial_strides else 1
     cfg = plan(N, C, S, num_groups, channels_last, num_chunks)
-
-    part = torch.empty((N * num_groups, cfg.num_chunks, 3), dtype=torch.float32, device=x.device)
-    grid = (N * num_groups, cfg.num_chunks)
     # Without a shift, weight stands in for its pointer; HAS_SHIFT keeps it unread.
     shift_arg, stride_shift = (shift, shift.stride(0)) if shift is not None else (weight, 0)
+    has_shift = shift is not None
+
+    if channels_last:
+        grid = (N, cfg.num_chunks, triton.cdiv(C, cfg.block_c))
+        part = torch.empty((N, cfg.num_chunks, 3, C), dtype=torch.float32, device=x.device)
+        centre = torch.empty((N, C), dtype=torch.float32, device=x.device)
+        scale = torch.empty_like(centre)
+        _group_norm_nhwc_stats_kernel[grid](
+            x, shift_arg, part, C, S, stride_shift, cfg.s_chunk,
+            BLOCK_S=cfg.block_s, BLOCK_C=cfg.block_c, HAS_SHIFT=has_shift, num_warps=cfg.num_warps,
+        )
+        _group_norm_nhwc_finalize_kernel[(N * num_groups,)](
+            part, weight, shift_arg, centre, scale, C, cfg.num_chunks, stride_shift, eps,
+            CG=cg, BLOCK=min(triton.next_power_of_2(cfg.num_chunks * cg), 1024), HAS_SHIFT=has_shift, num_warps=4,
+        )
+        _group_norm_nhwc_apply_kernel[grid](
+            x, y, bias, centre, scale, C, S, cfg.s_chunk,
+            BLOCK_S=cfg.block_s, BLOCK_C=cfg.block_c, SILU=silu, num_warps=cfg.num_warps,
+        )
+        return y
+
+    grid = (N * num_groups, cfg.num_chunks)
+    part = torch.empty((N * num_groups, cfg.num_chunks, 3), dtype=torch.float32, device=x.device)
     _group_norm_stats_kernel[grid](
-        x, shift_arg, part, C, S, x.stride(0), x.stride(1), stride_s, stride_shift, cfg.s_chunk,
-        CG=cg, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, HAS_SHIFT=shift is not None, num_warps=cfg.num_warps,
+        x, shift_arg, part, C, S, stride_shift, cfg.s_chunk,
+        CG=cg, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, HAS_SHIFT=has_shift, num_warps=cfg.num_warps,
     )
     _group_norm_apply_kernel[grid](
-        x, y, weight, bias, shift_arg, part, C, S, x.stride(0), x.stride(1), stride_s, stride_shift, cfg.s_chunk, eps,
+        x, y, weight, bias, shift_arg, part, C, S, stride_shift, cfg.s_chunk, eps,
         CG=cg, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, BLOCK_P=triton.next_power_of_2(cfg.num_chunks),
-        SILU=silu, HAS_SHIFT=shift is not None, num_warps=cfg.num_warps,
+        SILU=silu, HAS_SHIFT=has_shift, num_warps=cfg.num_warps,
     )
     return y
 

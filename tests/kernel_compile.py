@@ -3,7 +3,8 @@ no GPU. Run as a script it compiles them all and prints one JSON line: {case: {"
 
 It must run without TRITON_INTERPRET: under the interpreter, Triton's own jitted helpers (tl.cdiv, tl.sigmoid) are
 interpreter functions and cannot be compiled. Pointer arguments are taken as 16-byte aligned and integer arguments
-as of unknown alignment, as a launch on strided views would specialise them."""
+as of unknown alignment, as a launch on strided views would specialise them, except where a case names integers
+that are multiples of 16 at every SD shape (a launch specialises those too)."""
 
 import json
 import sys
@@ -16,14 +17,14 @@ CASES = (
      for d, lk, causal in ((40, 4096, False), (40, 77, False), (80, 1024, False), (80, 77, False), (160, 256, False),
                            (160, 77, False), (64, 77, True), (256, 20, False))]
     + [f"group_norm-{dt}-{shape}-{'shift' if shift else 'plain'}" for dt in ("fp16", "fp32")
-       for shape in ("2x320x4096-cl", "2x1280x64-cl", "1x128x262144-nchw") for shift in (False, True)]
+       for shape in ("2x320x4096-cl", "2x1280x64-cl", "1x128x262144-cl", "1x128x262144-nchw") for shift in (False, True)]
     + [f"guided_step-{flags}" for flags in ("guided", "guided-extra", "noise")]
     + [f"geglu-{dt}" for dt in ("fp16", "bf16", "fp32")]
 )
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _compile(kernel, pointers: dict, constants: dict, floats=(), num_warps=4, num_stages=3) -> str:
+def _compile(kernel, pointers: dict, constants: dict, floats=(), num_warps=4, num_stages=3, multiples_of_16=()) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -33,7 +34,7 @@ def _compile(kernel, pointers: dict, constants: dict, floats=(), num_warps=4, nu
         n: "constexpr" if n in constants else "*" + pointers[n] if n in pointers else "fp32" if n in floats else "i32"
         for n in names
     }
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers}
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in (*pointers, *multiples_of_16)}
     compiled = triton.compile(ASTSource(kernel, signature, constants, aligned), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     return compiled.asm["ptx"]
@@ -42,9 +43,11 @@ def _compile(kernel, pointers: dict, constants: dict, floats=(), num_warps=4, nu
 def compile_case(case: str) -> str:
     import triton
 
-    from kernels import attention, group_norm
     from kernels.geglu import _geglu_kernel
-    from kernels.group_norm import _group_norm_apply_kernel, _group_norm_stats_kernel, plan
+    from kernels.group_norm import (
+        _group_norm_apply_kernel, _group_norm_nhwc_apply_kernel, _group_norm_nhwc_finalize_kernel,
+        _group_norm_nhwc_stats_kernel, _group_norm_stats_kernel, plan,
+    )
     from kernels.guided_step import _guided_step_kernel
 
     op, *rest = case.split("-")
@@ -62,10 +65,19 @@ def compile_case(case: str) -> str:
     if op == "group_norm":
         dt, shape, shift = rest[0], rest[1], rest[3] == "shift"
         n, c, s = map(int, shape.split("x"))
-        channels_last = rest[2] == "cl"
-        cfg = plan(n, c, s, 32, channels_last)
+        cfg = plan(n, c, s, 32, channels_last=rest[2] == "cl")
+        if rest[2] == "cl":
+            # The finalize kernel reads only a group's few weights; the narrow-load count is of the two passes over x.
+            _compile(_group_norm_nhwc_finalize_kernel, {"PART": "fp32", "W": dt, "SHIFT": dt, "CENTRE": "fp32", "SCALE": "fp32"},
+                     dict(CG=c // 32, BLOCK=min(triton.next_power_of_2(cfg.num_chunks * c // 32), 1024), HAS_SHIFT=shift),
+                     ("eps",))
+            ptx = _compile(_group_norm_nhwc_stats_kernel, {"X": dt, "SHIFT": dt, "PART": "fp32"},
+                           dict(BLOCK_S=cfg.block_s, BLOCK_C=cfg.block_c, HAS_SHIFT=shift), num_warps=cfg.num_warps,
+                           multiples_of_16=("C", "stride_shift_n"))
+            return ptx + _compile(_group_norm_nhwc_apply_kernel, {"X": dt, "Y": dt, "B": dt, "CENTRE": "fp32", "SCALE": "fp32"},
+                                  dict(BLOCK_S=cfg.block_s, BLOCK_C=cfg.block_c, SILU=True), num_warps=cfg.num_warps,
+                                  multiples_of_16=("C",))
         constants = dict(CG=c // 32, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, HAS_SHIFT=shift)
-        constants["stride_c" if channels_last else "stride_s"] = 1
         ptx = _compile(_group_norm_stats_kernel, {"X": dt, "SHIFT": dt, "PART": "fp32"}, constants,
                        num_warps=cfg.num_warps)
         return ptx + _compile(_group_norm_apply_kernel, {"X": dt, "Y": dt, "W": dt, "B": dt, "SHIFT": dt, "PART": "fp32"},

@@ -242,17 +242,28 @@ def test_group_norm_rejects_bad_shift():
         group_norm_triton(x, 2, w, w, shift=randn(8))
 
 
-def test_group_norm_statistics_are_centred():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_statistics_are_centred(channels_last):
     # Here E[x^2] - E[x]^2 in float32 is off by about 1e-4 of the variance, ten times the tolerance.
-    run_group_norm((1, 32, 40, 40), 4, torch.float32, offset=100.0)
+    run_group_norm((1, 32, 40, 40), 4, torch.float32, channels_last, offset=100.0)
 
 
+def test_group_norm_channels_last_merges_more_chunk_statistics_than_one_block():
+    # One group of 64 channels in 25 chunks: 1600 per-channel chunk statistics, merged 1024 at a time.
+    shape, groups = (1, 64, 40, 40), 1
+    assert plan(1, 64, 1600, groups, channels_last=True, num_chunks=25).num_chunks == 25
+    run_group_norm(shape, groups, torch.float32, channels_last=True, offset=3.0, num_chunks=25)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", [(1, 512, 512, 512), (1, 128, 512, 512), (1, 512, 64, 64), (2, 320, 64, 64)])
-def test_group_norm_plan_fills_the_gpu(shape):
+def test_group_norm_plan_fills_the_gpu(shape, channels_last):
     N, C, H, W = shape
-    cfg = plan(N, C, H * W, 32, channels_last=False)
-    programs = N * 32 * cfg.num_chunks
-    elements_per_program = C // 32 * cfg.s_chunk
+    cfg = plan(N, C, H * W, 32, channels_last)
+    if channels_last:
+        programs, elements_per_program = N * (C // cfg.block_c) * cfg.num_chunks, cfg.block_c * cfg.s_chunk
+    else:
+        programs, elements_per_program = N * 32 * cfg.num_chunks, C // 32 * cfg.s_chunk
     assert cfg.num_chunks * cfg.s_chunk >= H * W > (cfg.num_chunks - 1) * cfg.s_chunk, f"chunks do not tile {shape}"
     assert programs >= TARGET_PROGRAMS or elements_per_program < 2 * MIN_CHUNK_ELEMENTS, (
         f"{shape}: {programs} programs of {elements_per_program} elements each"
