@@ -134,18 +134,22 @@ def _group_norm_apply_kernel(
 
 
 @triton.jit
+def _nhwc_program_tile(C, S, s_chunk, BLOCK_C: tl.constexpr):
+    """The sample, channel block and spatial range of this program of a channels_last grid (n, chunk, c block)."""
+    n = tl.program_id(0)
+    s_start = tl.program_id(1) * s_chunk
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return n, c, c < C, s_start, tl.minimum(s_start + s_chunk, S)
+
+
+@triton.jit
 def _group_norm_nhwc_stats_kernel(
     X, SHIFT, PART, C, S, stride_shift_n, s_chunk,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    chunk = tl.program_id(1)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    n, c, c_mask, s_start, s_end = _nhwc_program_tile(C, S, s_chunk, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
     X += n.to(tl.int64) * S * C
-    s_start = chunk * s_chunk
-    s_end = tl.minimum(s_start + s_chunk, S)
     if HAS_SHIFT:
         shift = tl.load(SHIFT + n * stride_shift_n + c, mask=c_mask, other=0.0).to(tl.float32)
 
@@ -170,7 +174,7 @@ def _group_norm_nhwc_stats_kernel(
     chunk_mean = tl.sum(count * mean, 0) / tl.maximum(total, 1.0)
     d = mean - chunk_mean[None, :]
     chunk_m2 = tl.sum(m2 + count * d * d, 0)
-    PART += (n * tl.num_programs(1) + chunk) * 3 * C + c
+    PART += (n * tl.num_programs(1) + tl.program_id(1)) * 3 * C + c
     tl.store(PART, total, mask=c_mask)
     tl.store(PART + C, chunk_mean, mask=c_mask)
     tl.store(PART + 2 * C, chunk_m2, mask=c_mask)
@@ -225,10 +229,7 @@ def _group_norm_nhwc_apply_kernel(
     X, Y, B, CENTRE, SCALE, C, S, s_chunk,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    chunk = tl.program_id(1)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    n, c, c_mask, s_start, s_end = _nhwc_program_tile(C, S, s_chunk, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
     base = n.to(tl.int64) * S * C
     X += base
@@ -236,8 +237,6 @@ def _group_norm_nhwc_apply_kernel(
     centre = tl.load(CENTRE + n * C + c, mask=c_mask, other=0.0)[None, :]
     scale = tl.load(SCALE + n * C + c, mask=c_mask, other=0.0)[None, :]
     b = tl.load(B + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    s_start = chunk * s_chunk
-    s_end = tl.minimum(s_start + s_chunk, S)
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + offs_s
         mask = (s < s_end)[:, None] & c_mask[None, :]
