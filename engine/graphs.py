@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from kernels.launch import precompile
+
 
 def _signature(args: tuple) -> tuple:
     return tuple(
@@ -42,11 +44,14 @@ class GraphCache:
 
     def _capture(self, fn: Callable, args: tuple):
         static_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-        # One eager run first, on a side stream as capture requires: it compiles the Triton kernels and lets
-        # cuBLAS and cuDNN set up their workspaces, none of which may happen during capture.
+        # Eager runs first, on a side stream as capture requires: one under `precompile`, which compiles all the
+        # call's Triton kernels in parallel, then a real one, which lets cuBLAS and cuDNN set up their workspaces.
+        # None of that may happen during capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
+            with precompile():
+                fn(*static_args)
             fn(*static_args)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import INTERPRET, use_triton
+from .launch import launch
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -152,7 +153,8 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     strides = [st // align if i % 4 < 3 else st for i, st in enumerate(
         [*q.stride(), *k.stride(), *v.stride(), *out.stride()])]
     grid = (triton.cdiv(Lq, block_m), B * H)
-    _attention_fwd_kernel[grid](
+    launch(
+        _attention_fwd_kernel, grid,
         q, k, v, out, *strides,
         H, Lq, Lk, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import INTERPRET, use_triton
+from .launch import launch
 
 
 @triton.jit
@@ -43,7 +44,8 @@ def geglu_triton(x: torch.Tensor) -> torch.Tensor:
     if y.numel() == 0:
         return y
     block = min(triton.next_power_of_2(inner), 256 if INTERPRET else 2048)
-    _geglu_kernel[(rows.shape[0], triton.cdiv(inner, block))](
+    launch(
+        _geglu_kernel, (rows.shape[0], triton.cdiv(inner, block)),
         rows, y, inner, rows.stride(0), inner, BLOCK=block, num_warps=4 if block <= 1024 else 8,
     )
     return y

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import INTERPRET, use_triton
+from .launch import launch
 
 # Aim for at least this many programs per launch, and at least this many elements per program.
 TARGET_PROGRAMS = 1024
@@ -325,15 +326,18 @@ def group_norm_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bi
         part = torch.empty((N, cfg.num_chunks, 3, C), dtype=torch.float32, device=x.device)
         centre = torch.empty((N, C), dtype=torch.float32, device=x.device)
         scale = torch.empty_like(centre)
-        _group_norm_nhwc_stats_kernel[grid](
+        launch(
+            _group_norm_nhwc_stats_kernel, grid,
             x, shift_arg, part, C, S, stride_shift, cfg.s_chunk,
             BLOCK_S=cfg.block_s, BLOCK_C=cfg.block_c, HAS_SHIFT=has_shift, num_warps=cfg.num_warps,
         )
-        _group_norm_nhwc_finalize_kernel[(N * num_groups,)](
+        launch(
+            _group_norm_nhwc_finalize_kernel, (N * num_groups,),
             part, weight, shift_arg, centre, scale, C, cfg.num_chunks, stride_shift, eps,
             CG=cg, BLOCK=min(triton.next_power_of_2(cfg.num_chunks * cg), 1024), HAS_SHIFT=has_shift, num_warps=4,
         )
-        _group_norm_nhwc_apply_kernel[grid](
+        launch(
+            _group_norm_nhwc_apply_kernel, grid,
             x, y, bias, centre, scale, C, S, cfg.s_chunk,
             BLOCK_S=cfg.block_s, BLOCK_C=cfg.block_c, SILU=silu, num_warps=cfg.num_warps,
         )
@@ -341,11 +345,13 @@ def group_norm_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bi
 
     grid = (N * num_groups, cfg.num_chunks)
     part = torch.empty((N * num_groups, cfg.num_chunks, 3), dtype=torch.float32, device=x.device)
-    _group_norm_stats_kernel[grid](
+    launch(
+        _group_norm_stats_kernel, grid,
         x, shift_arg, part, C, S, stride_shift, cfg.s_chunk,
         CG=cg, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, HAS_SHIFT=has_shift, num_warps=cfg.num_warps,
     )
-    _group_norm_apply_kernel[grid](
+    launch(
+        _group_norm_apply_kernel, grid,
         x, y, weight, bias, shift_arg, part, C, S, stride_shift, cfg.s_chunk, eps,
         CG=cg, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, BLOCK_P=triton.next_power_of_2(cfg.num_chunks),
         SILU=silu, HAS_SHIFT=has_shift, num_warps=cfg.num_warps,

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import INTERPRET, use_triton
+from .launch import launch
 
 
 @triton.jit
@@ -90,7 +91,8 @@ def guided_step_triton(model_out: torch.Tensor, x: torch.Tensor, coef: torch.Ten
     if guidance_scale is not None and not isinstance(guidance_scale, torch.Tensor):
         guidance_scale = torch.full((1,), float(guidance_scale), dtype=torch.float32, device=x.device)
     # Absent tensors are never read (GUIDED, HAS_* are False); x and coef stand in for their pointers.
-    _guided_step_kernel[(triton.cdiv(numel, block),)](
+    launch(
+        _guided_step_kernel, (triton.cdiv(numel, block),),
         model_out, x, extra if extra is not None else x, noise if noise is not None else x, coef,
         x_next, extra_next if extra_next is not None else x_next,
         guidance_scale if guidance_scale is not None else coef, numel,

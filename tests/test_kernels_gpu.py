@@ -196,3 +196,46 @@ def test_guided_step_replays_in_a_cuda_graph():
     ref = 0.9 * x.double() - 0.3 * (uncond + 7.5 * (cond - uncond))
     err = rel_err(x_next, ref)
     assert err <= 1e-5, f"replayed step with new coefficients: relative error {err:.2e} > 1e-5"
+
+
+# --------------------------------------------------------------------------------------- precompile
+
+
+def compiled_variants() -> set:
+    """(kernel name, Triton's specialisation key) of every variant compiled in this process for the current GPU."""
+    import triton
+
+    from kernels import attention, geglu, group_norm, guided_step
+
+    device = torch.cuda.current_device()
+    jitted = {obj for mod in (attention, geglu, group_norm, guided_step) for obj in vars(mod).values()
+              if isinstance(obj, triton.runtime.JITFunction)}
+    return {(k.fn.__name__, key) for k in jitted for key in k.device_caches[device][0]}
+
+
+def test_precompile_compiles_what_the_call_then_launches():
+    from kernels.launch import precompile
+
+    # Head dim 24 and 9 channels per group are used nowhere else, so these variants are new to the process.
+    q, k, v = (randn(2, 3, 70, 24, dtype=torch.float16) for _ in range(3))
+    x, weight, bias = randn(2, 36, 10, 10), randn(36), randn(36)
+
+    def call():
+        return attention_triton(q, k, v), group_norm_triton(x, 4, weight, bias, silu=True)
+
+    before = compiled_variants()
+    with precompile():
+        unlaunched = call()
+    precompiled = compiled_variants() - before
+    names = {name for name, _ in precompiled}
+    assert {"_attention_fwd_kernel", "_group_norm_stats_kernel", "_group_norm_apply_kernel"} <= names, (
+        f"precompile compiled only {sorted(names)}")
+    for out in unlaunched:
+        assert out.isnan().all(), "a kernel ran under precompile: its output is not the NaN-filled allocation"
+
+    att, gn = call()
+    late = compiled_variants() - before - precompiled
+    assert not late, f"the call compiled {sorted(n for n, _ in late)} after precompile had compiled {sorted(names)}"
+    assert_close(att, attention_f64(q, k, v), F.scaled_dot_product_attention(q, k, v), torch.float16, "attention after precompile")
+    assert_close(gn, group_norm_f64(x, 4, weight, bias), F.silu(F.group_norm(x, 4, weight, bias)), torch.float32,
+                 "group_norm after precompile")
