@@ -2,15 +2,15 @@
 
     python bench/attention_sweep.py --json OUT.json [--jobs 12]
 
-Every (shape, BLOCK_M, BLOCK_N, num_warps, num_stages) is compiled first by parallel worker processes sharing
-Triton's cache, then run in this process: its error against SDPA in float32 and its median time. The fastest correct
-configuration per shape is printed last, with cuDNN SDPA's time beside it.
+Every (shape, head-dim tiles, BLOCK_M, BLOCK_N, num_warps, num_stages) is compiled first by parallel worker
+processes sharing Triton's cache, then run in this process: its error against SDPA in float32 and its median time.
+The head-dim tiles are the engine's split (e.g. 40 = 32 + 16) and, where that differs, one padded tile (64). The
+fastest correct configuration per shape is printed last, with cuDNN SDPA's time beside it.
 """
 
 import argparse
 import itertools
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +22,19 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from kernels.attention import LOG2E, _attention_fwd_kernel  # noqa: E402
+from kernels.attention import AttentionPlan, attention_triton, plan  # noqa: E402
 
 SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),
           (2, 8, 256, 256, 160), (2, 8, 4096, 4096, 64)]
-CONFIGS = [c for c in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
-           if not (c[0] == 64 and c[2] == 8)]
+TILES = [c for c in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
+         if not (c[0] == 64 and c[2] == 8)]
+
+
+def configs(shape) -> list[AttentionPlan]:
+    head_dim, lk = shape[4], shape[3]
+    split = plan(head_dim, lk, torch.float16)[:2]
+    heads = dict.fromkeys([split, (triton.next_power_of_2(head_dim), 0)])
+    return [AttentionPlan(*head, *tiles) for head in heads for tiles in TILES]
 
 
 def inputs(shape):
@@ -38,28 +45,14 @@ def inputs(shape):
     return q, k, v
 
 
-def launch(q, k, v, config):
-    block_m, block_n, warps, stages = config
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
-    _attention_fwd_kernel[(triton.cdiv(Lq, block_m), B * H)](
-        q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, Lq, Lk, LOG2E / math.sqrt(D),
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=False, EVEN_N=Lk % block_n == 0, PRECISION="tf32", num_warps=warps, num_stages=stages,
-    )
-    return out
-
-
 def jobs():
-    return [(s, c) for s in SHAPES for c in CONFIGS]
+    return [(s, c) for s in SHAPES for c in configs(s)]
 
 
 def worker(index: int, count: int) -> None:
     for shape, config in jobs()[index::count]:
         try:
-            launch(*inputs(shape), config)
+            attention_triton(*inputs(shape), config=config)
         except Exception as e:  # a config that does not compile is reported by the main process
             print(f"{shape} {config}: {type(e).__name__}", file=sys.stderr)
     torch.cuda.synchronize()
@@ -86,14 +79,14 @@ def main() -> int:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             cudnn = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), return_mode="median")
         rows = []
-        for config in CONFIGS:
+        for config in configs(shape):
             try:
-                out = launch(q, k, v, config)
+                out = attention_triton(q, k, v, config=config)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
-                ms = do_bench(lambda: launch(q, k, v, config), return_mode="median") if err < 1e-2 else None
+                ms = do_bench(lambda: attention_triton(q, k, v, config=config), return_mode="median") if err < 1e-2 else None
             except Exception as e:
                 err, ms = f"{type(e).__name__}", None
-            rows.append({"config": config, "ms": ms, "rel_err": err})
+            rows.append({"config": config._asdict(), "ms": ms, "rel_err": err})
         best = min((r for r in rows if r["ms"]), key=lambda r: r["ms"])
         results.append({"shape": shape, "cudnn_ms": cudnn, "best": best, "rows": rows})
         print(f"{shape}: best {best['config']} {best['ms']:.4f} ms, cuDNN {cudnn:.4f} ms", flush=True)

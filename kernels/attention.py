@@ -2,8 +2,12 @@
 
 Each program owns BLOCK_M query rows of one (batch, head) and streams over the keys in blocks of
 BLOCK_N, keeping a running row maximum and row sum (online softmax, float32). Scores are scaled by
-scale * log2(e) so the exponentials are exp2. The head dimension is padded to a power of two with
-masked loads, which covers SD's 40, 80 and 160 as well as 64.
+scale * log2(e) so the exponentials are exp2.
+
+Tile sides are powers of two, so a head dim that is not one is covered by masked loads. Padding SD's 40,
+80 and 160 to 64, 128 and 256 would spend 37.5% of every matrix product on zeros; instead the head dim
+is covered by two tiles, the largest power of two that fits and a narrow tail (40 = 32 + 16, 80 = 64 + 16,
+160 = 128 + 32, the tail padded to at least 16), and each product is the sum of, or split into, two.
 
 Triton vectorises a load only as far as it can prove the addresses aligned, and it knows an integer
 argument's alignment only when the argument is a multiple of 16. A [B, L, H, D] view has a head
@@ -14,6 +18,7 @@ proves 16-byte alignment to the compiler.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +40,9 @@ def _attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     H, Lq, Lk, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -62,10 +68,18 @@ def _attention_fwd_kernel(
     # K is read as a [BLOCK_D, BLOCK_N] tile so that q @ k needs no transpose.
     k_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if TAIL_D > 0:
+        offs_t = BLOCK_D + tl.arange(0, TAIL_D)
+        t_mask = offs_t < HEAD_DIM
+        q_t = tl.load(Q + offs_m[:, None] * stride_qm + offs_t[None, :] * stride_qd,
+                      mask=m_mask[:, None] & t_mask[None, :], other=0.0)
+        k_t_ptrs = K + offs_n[None, :] * stride_kn + offs_t[:, None] * stride_kd
+        v_t_ptrs = V + offs_n[:, None] * stride_vn + offs_t[None, :] * stride_vd
+        acc_t = tl.zeros([BLOCK_M, TAIL_D], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Causal masking is top-left aligned, as in F.scaled_dot_product_attention: key j <= query i.
     hi = Lk
@@ -75,11 +89,20 @@ def _attention_fwd_kernel(
         if EVEN_N:
             k = tl.load(k_ptrs + start_n * stride_kn, mask=d_mask[:, None], other=0.0)
             v = tl.load(v_ptrs + start_n * stride_vn, mask=d_mask[None, :], other=0.0)
+            if TAIL_D > 0:
+                k_t = tl.load(k_t_ptrs + start_n * stride_kn, mask=t_mask[:, None], other=0.0)
+                v_t = tl.load(v_t_ptrs + start_n * stride_vn, mask=t_mask[None, :], other=0.0)
         else:
             n_mask = (start_n + offs_n) < Lk
             k = tl.load(k_ptrs + start_n * stride_kn, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
             v = tl.load(v_ptrs + start_n * stride_vn, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+            if TAIL_D > 0:
+                k_t = tl.load(k_t_ptrs + start_n * stride_kn, mask=t_mask[:, None] & n_mask[None, :], other=0.0)
+                v_t = tl.load(v_t_ptrs + start_n * stride_vn, mask=n_mask[:, None] & t_mask[None, :], other=0.0)
+        qk = tl.dot(q, k, input_precision=PRECISION)
+        if TAIL_D > 0:
+            qk = tl.dot(q_t, k_t, qk, input_precision=PRECISION)
+        qk = qk * qk_scale
         if not EVEN_N:
             qk = tl.where(n_mask[None, :], qk, float("-inf"))
         if CAUSAL:
@@ -90,25 +113,49 @@ def _attention_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        if TAIL_D > 0:
+            acc_t = tl.dot(p.to(v.dtype), v_t, acc_t * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, acc.to(O.dtype.element_ty),
+    o_rows = O + offs_m[:, None] * stride_om
+    tl.store(o_rows + offs_d[None, :] * stride_od, (acc / l_i[:, None]).to(O.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
+    if TAIL_D > 0:
+        tl.store(o_rows + offs_t[None, :] * stride_od, (acc_t / l_i[:, None]).to(O.dtype.element_ty),
+                 mask=m_mask[:, None] & t_mask[None, :])
 
 
-def _config(block_d: int, lk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). tl.dot needs every tile side >= 16 on GPU. The
-    half-precision choices come from a sweep at SD1.5's shapes on an H200 (bench/attention_sweep.py,
-    bench/NOTES.md): cross-attention's 77 keys take narrower key blocks."""
+class AttentionPlan(NamedTuple):
+    block_d: int  # head-dim columns of the first tile
+    tail_d: int  # head-dim columns of the second tile; 0 when one tile covers the head dim
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def plan(head_dim: int, lk: int, dtype: torch.dtype) -> AttentionPlan:
+    """Head-dim split and tiles for a launch. tl.dot needs every tile side >= 16 on GPU. The half-precision tiles
+    come from a sweep at SD1.5's shapes on an H200 (bench/attention_sweep.py, bench/NOTES.md): cross-attention's
+    77 keys take narrower key blocks. They are chosen by the padded width, which bounds the registers a tile needs."""
+    padded = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, 1 << (head_dim.bit_length() - 1))
+    tail_d = max(16, triton.next_power_of_2(head_dim - block_d)) if head_dim > block_d else 0
+    if block_d + tail_d >= padded:
+        block_d, tail_d = padded, 0
+    return AttentionPlan(block_d, tail_d, *_tiles(padded, lk, dtype))
+
+
+def _tiles(padded: int, lk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     if INTERPRET:
         return 32, 16, 4, 1
     if dtype == torch.float32:
         # IEEE float32 dots run on the FMA units with operands in registers: keep tiles small.
-        return (64, 32, 8, 2) if block_d <= 128 else (32, 16, 8, 2)
-    if block_d <= 128:
+        return (64, 32, 8, 2) if padded <= 128 else (32, 16, 8, 2)
+    if padded <= 128:
         if lk <= 128:
-            return (128, 32, 4, 3) if block_d <= 64 else (128, 32, 8, 3)
+            return (128, 32, 4, 3) if padded <= 64 else (128, 32, 8, 3)
         return 128, 64, 8, 3
     return 64, 64, 4, 2
 
@@ -128,8 +175,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                     scale: float | None = None) -> torch.Tensor:
-    """Launch the flash-attention kernel. q [B, H, Lq, D], k and v [B, H, Lk, D]; any strides.
+                     scale: float | None = None, config: AttentionPlan | None = None) -> torch.Tensor:
+    """Launch the flash-attention kernel. q [B, H, Lq, D], k and v [B, H, Lk, D]; any strides. `config` overrides
+    `plan(D, Lk, dtype)` (for tile sweeps).
 
     The output is a [B, H, Lq, D] view of a contiguous [B, Lq, H, D] buffer (the layout SDPA's
     flash backend returns), so merging the heads afterwards is a free reshape.
@@ -145,22 +193,20 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     if out.numel() == 0:
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    block_d = max(16, triton.next_power_of_2(D))
-    block_m, block_n, num_warps, num_stages = _config(block_d, Lk, q.dtype)
+    cfg = plan(D, Lk, q.dtype) if config is None else config
     # Batch, head and row strides (not the head-dim ones): divided by ALIGN when all allow it.
     outer = [st for t in (q, k, v, out) for st in t.stride()[:3]]
     align = 8 if all(st % 8 == 0 for st in outer) else 1
     strides = [st // align if i % 4 < 3 else st for i, st in enumerate(
         [*q.stride(), *k.stride(), *v.stride(), *out.stride()])]
-    grid = (triton.cdiv(Lq, block_m), B * H)
     launch(
-        _attention_fwd_kernel, grid,
+        _attention_fwd_kernel, (triton.cdiv(Lq, cfg.block_m), B * H),
         q, k, v, out, *strides,
         H, Lq, Lk, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, EVEN_N=Lk % block_n == 0,
+        HEAD_DIM=D, BLOCK_D=cfg.block_d, TAIL_D=cfg.tail_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CAUSAL=causal, EVEN_N=Lk % cfg.block_n == 0,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ALIGN=align,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 

@@ -1,5 +1,6 @@
 """Ahead-of-time compilation of every kernel variant the engine launches at SD1.5's shapes, for Hopper (sm_90), with
-no GPU. Run as a script it compiles them all and prints one JSON line: {case: {"error": ..., "narrow_loads": ...}}.
+no GPU. Run as a script it compiles them all and prints one JSON line: {case: {"error": ..., "narrow_loads": ..., "mma_nk": ...,
+"plan": ... for attention}}.
 
 It must run without TRITON_INTERPRET: under the interpreter, Triton's own jitted helpers (tl.cdiv, tl.sigmoid) are
 interpreter functions and cannot be compiled. Pointer arguments are taken as 16-byte aligned and integer arguments
@@ -7,6 +8,7 @@ as of unknown alignment, as a launch on strided views would specialise them, exc
 that are multiples of 16 at every SD shape (a launch specialises those too)."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -40,6 +42,13 @@ def _compile(kernel, pointers: dict, constants: dict, floats=(), num_warps=4, nu
     return compiled.asm["ptx"]
 
 
+def attention_plan(case: str):
+    from kernels.attention import plan
+
+    _, dt, d, lk = case.split("-")[:4]
+    return plan(int(d[1:]), int(lk[2:]), DTYPES[dt])
+
+
 def compile_case(case: str) -> str:
     import triton
 
@@ -52,16 +61,16 @@ def compile_case(case: str) -> str:
 
     op, *rest = case.split("-")
     if op == "attention":
-        from kernels.attention import _attention_fwd_kernel, _config
+        from kernels.attention import _attention_fwd_kernel
 
         dt, d, lk = rest[0], int(rest[1][1:]), int(rest[2][2:])
-        causal = "causal" in rest
-        block_d = max(16, triton.next_power_of_2(d))
-        block_m, block_n, warps, stages = _config(block_d, lk, DTYPES[dt])
-        constants = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
-                         EVEN_N=lk % block_n == 0, PRECISION="ieee" if dt == "fp32" else "tf32", ALIGN=8,
+        cfg = attention_plan(case)
+        constants = dict(HEAD_DIM=d, BLOCK_D=cfg.block_d, TAIL_D=cfg.tail_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                         CAUSAL="causal" in rest, EVEN_N=lk % cfg.block_n == 0,
+                         PRECISION="ieee" if dt == "fp32" else "tf32", ALIGN=8,
                          stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
-        return _compile(_attention_fwd_kernel, dict.fromkeys("QKVO", dt), constants, ("qk_scale",), warps, stages)
+        return _compile(_attention_fwd_kernel, dict.fromkeys("QKVO", dt), constants, ("qk_scale",), cfg.num_warps,
+                        cfg.num_stages)
     if op == "group_norm":
         dt, shape, shift = rest[0], rest[1], rest[3] == "shift"
         n, c, s = map(int, shape.split("x"))
@@ -100,9 +109,13 @@ def main() -> int:
     for case in CASES:
         try:
             ptx = compile_case(case)
-            results[case] = {"error": None, "narrow_loads": ptx.count("ld.global.b16")}
+            # Hopper tensor-core instructions are wgmma.mma_async...m64nNkK: N x K is each one's share of the work.
+            mma_nk = sum(int(n) * int(k) for n, k in re.findall(r"wgmma\.mma_async\S*\.m64n(\d+)k(\d+)", ptx))
+            results[case] = {"error": None, "narrow_loads": ptx.count("ld.global.b16"), "mma_nk": mma_nk}
+            if case.startswith("attention"):
+                results[case]["plan"] = attention_plan(case)._asdict()
         except Exception as e:  # each failure is reported by its own test
-            results[case] = {"error": f"{type(e).__name__}: {e}"[-2000:], "narrow_loads": None}
+            results[case] = {"error": f"{type(e).__name__}: {e}"[-2000:], "narrow_loads": None, "mma_nk": None}
     print(json.dumps(results))
     return 0
 

@@ -13,7 +13,7 @@ import torch
 
 import kernels
 from kernels import dispatch
-from kernels.attention import attention_triton
+from kernels.attention import attention_triton, plan as attention_plan
 from kernels.geglu import geglu_triton
 from kernels.group_norm import MIN_CHUNK_ELEMENTS, TARGET_PROGRAMS, group_norm_triton, plan
 from kernels.guided_step import guided_step_triton
@@ -65,6 +65,7 @@ ATTENTION_SHAPES = [
     (1, 2, 37, 53, 40, False),  # odd lengths
     (1, 1, 45, 29, 64, True),  # causal with Lq > Lk and Lq < Lk: top-left aligned
     (1, 1, 20, 50, 32, True),
+    (1, 1, 37, 29, 40, True),  # causal over a split head dim
     (1, 2, 1, 1, 64, False),
     (1, 1, 1, 77, 40, False),
     (1, 2, 33, 33, 20, False),  # head dims off the multiple-of-8 grid
@@ -118,6 +119,16 @@ def test_attention_rejects_bad_inputs():
         attention_triton(big, big, big)
     with pytest.raises(ValueError, match=r"\[B, H, L, D\]"):
         attention_triton(q[0], q[0], q[0])
+
+
+@pytest.mark.parametrize("head_dim,tiles", [
+    (40, (32, 16)), (80, (64, 16)), (160, (128, 32)), (33, (32, 16)),  # split: at most 15 padded columns
+    (64, (64, 0)), (256, (256, 0)), (8, (16, 0)),  # one tile covers it
+    (20, (32, 0)), (100, (128, 0)),  # a split would pad as much as one wider tile
+])
+def test_attention_head_dim_tiles(head_dim, tiles):
+    cfg = attention_plan(head_dim, 77, torch.float16)
+    assert (cfg.block_d, cfg.tail_d) == tiles, f"D={head_dim}: tiles {(cfg.block_d, cfg.tail_d)}, expected {tiles}"
 
 
 @pytest.mark.parametrize("head_dim,align", [(40, 8), (80, 8), (160, 8), (33, 1), (20, 1)])

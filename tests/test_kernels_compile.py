@@ -33,3 +33,18 @@ def test_kernel_compiles_for_hopper(compiled, case):
     if case.startswith("group_norm-fp16") and "-cl-" in case:
         # channels_last GroupNorm reads whole pixels: rows of channels, never a 2-byte element at a time.
         assert result["narrow_loads"] == 0, f"{case}: {result['narrow_loads']} two-byte global loads"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith(("attention-fp16", "attention-bf16"))])
+def test_attention_tensor_cores_multiply_only_the_head_dim(compiled, case):
+    """Tile sides are powers of two; SD's head dims 40, 80 and 160 are not. Padded to 64, 128 and 256, a third of
+    the tensor-core work would multiply zeros: the kernel splits the head dim instead, so the work covers it rounded
+    up to the 16-column step of an MMA instruction."""
+    d = int(case.split("-")[2][1:])
+    result = compiled[case]
+    cfg = result["plan"]  # the compiling process's, which sees the GPU tiles, not the interpreter's
+    # Per warp group and key block: q k^T is BLOCK_N wide over the head dim, p v is the head dim wide over BLOCK_N.
+    # A program's 64-row instructions repeat BLOCK_M / 64 times over num_warps / 4 warp groups.
+    per_column = 2 * cfg["block_n"] * (cfg["block_m"] // 64) // (cfg["num_warps"] // 4)
+    columns = result["mma_nk"] / per_column
+    assert columns == -(-d // 16) * 16, f"{case}: tensor cores multiply {columns:g} head-dim columns for D = {d}"
