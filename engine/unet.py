@@ -42,17 +42,49 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    def __init__(self, dim: int, context_dim: int, heads: int):
+    """Multi-head attention whose projections of one input are one matrix product: q, k and v of x for
+    self-attention (no context), k and v of the context for cross-attention. The fused weights are joined from the
+    checkpoint's to_q / to_k / to_v when a state dict is loaded and split back when one is taken, so checkpoints and
+    state-dict keys stay standard."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        if context_dim is None:
+            self.qkv = nn.Parameter(torch.empty(3 * dim, dim))
+            self.fused = {"qkv": ("to_q", "to_k", "to_v")}
+        else:
+            self.to_q = nn.Linear(dim, dim, bias=False)
+            self.kv = nn.Parameter(torch.empty(2 * dim, context_dim))
+            self.fused = {"kv": ("to_k", "to_v")}
+        for name in self.fused:
+            # nn.Linear's initialisation: its bound depends only on the input width, which the parts share.
+            nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
         self.to_out = nn.Sequential(nn.Linear(dim, dim))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        out = multihead_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
-        return self.to_out(out)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # The chunks are strided views of the fused product; the attention kernel reads strides.
+        if context is None:
+            q, k, v = F.linear(x, self.qkv).chunk(3, dim=-1)
+        else:
+            q = self.to_q(x)
+            k, v = F.linear(context, self.kv).chunk(2, dim=-1)
+        return self.to_out(multihead_attention(q, k, v, self.heads))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, parts in self.fused.items():
+            weight = destination.pop(prefix + name)
+            for part, chunk in zip(parts, weight.chunk(len(parts))):
+                # Each its own tensor, as in a checkpoint, rather than views sharing the fused weight's storage.
+                destination[f"{prefix}{part}.weight"] = chunk if keep_vars else chunk.clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, parts in self.fused.items():
+            keys = [f"{prefix}{part}.weight" for part in parts]
+            if all(k in state_dict for k in keys):
+                state_dict[prefix + name] = torch.cat([state_dict.pop(k) for k in keys])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class GEGLU(nn.Module):
@@ -76,16 +108,16 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads)
+        self.attn1 = CrossAttention(dim, heads)
         self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads)
+        self.attn2 = CrossAttention(dim, heads, context_dim)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.attn1(h, h)
+        x = x + self.attn1(h)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 

@@ -153,6 +153,22 @@ def test_tritonsd_file_round_trips_with_its_config(tmp_path, tiny_state):
     assert info["format"] == "tritonsd" and info["config"] == TINY.to_dict() and info["dtypes"] == {"float16": len(state)}
 
 
+def test_attention_projections_are_fused_but_files_keep_the_checkpoint_names(tmp_path, tiny_state):
+    """The UNet's attention holds the projections of one input as one weight (one matrix product): q, k and v of
+    self-attention, k and v of cross-attention. State dicts and files still hold to_q, to_k and to_v."""
+    model = StableDiffusion.on_meta(TINY)
+    model.load_state_dict(tiny_state, strict=True, assign=True)
+    prefix = "unet.input_blocks.1.1.transformer_blocks.0."
+    block = model.get_submodule(prefix[:-1])
+    qkv = torch.cat([tiny_state[f"{prefix}attn1.to_{p}.weight"] for p in "qkv"])
+    kv = torch.cat([tiny_state[f"{prefix}attn2.to_{p}.weight"] for p in "kv"])
+    assert torch.equal(block.attn1.qkv, qkv), "self-attention's fused weight is not [to_q; to_k; to_v]"
+    assert torch.equal(block.attn2.kv, kv), "cross-attention's fused weight is not [to_k; to_v]"
+    path = tmp_path / "float32.safetensors"  # the model's own dtype: nothing is cast on the way out
+    loader.save(model, TINY, path)
+    assert_same_tensors(loader.load_state_dict(path)[1], tiny_state, "file saved from the fused model")
+
+
 @pytest.mark.parametrize("low_byte", [0x80, 0x00, 0x08])
 def test_safetensors_is_recognised_whatever_its_header_length(tmp_path, low_byte):
     """A safetensors file begins with its header's length; a length whose low byte is 0x80 begins like a pickle."""
