@@ -10,6 +10,7 @@ All graphs of a cache allocate from one memory pool. Each graph's own inputs and
 cache, so no capture can reuse them; only intermediates, which are dead after every replay, are shared.
 """
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -50,8 +51,12 @@ class GraphCache:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            with precompile():
-                fn(*static_args)
+            try:
+                with precompile():
+                    fn(*static_args)
+            except Exception as e:  # it only saves time: the run below compiles whatever is still missing
+                warnings.warn(f"parallel kernel compilation failed ({type(e).__name__}: {e}); "
+                              "kernels compile one by one at their first launch", RuntimeWarning, stacklevel=2)
             fn(*static_args)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
