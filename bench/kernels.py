@@ -17,6 +17,8 @@ implementations of the same op, on the same GPU, in the same run.
   and each output written once.
 - geglu: h * gelu(gate) on the UNet's feed-forward activations [2, L, 2*I], against the eager
   chunk, F.gelu and product. GB/s counts one read of x and one write of the result.
+- layer_norm: the residual add and LayerNorm of the UNet's transformer rows [2, L, C], against the
+  eager add and F.layer_norm. GB/s counts reads of x and the residual, writes of the sum and the norm.
 
 Every op is timed twice, both medians after warm-up on random normal inputs: `times_ms` with
 triton.testing.do_bench (each call launched from Python, as in eager code), and `graph_times_ms`
@@ -42,8 +44,9 @@ from kernels.attention import attention_triton, plan  # noqa: E402
 from kernels.geglu import geglu_triton  # noqa: E402
 from kernels.group_norm import group_norm_triton  # noqa: E402
 from kernels.guided_step import guided_step_triton  # noqa: E402
+from kernels.layer_norm import layer_norm_triton  # noqa: E402
 
-OPS = ("attention", "group_norm", "step", "geglu")
+OPS = ("attention", "group_norm", "step", "geglu", "layer_norm")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 ATTENTION_SHAPES = [(2, 8, lq, lk, d) for lq, d in ((4096, 40), (1024, 80), (256, 160), (64, 160)) for lk in (lq, 77)]
@@ -58,6 +61,7 @@ STEP_SHAPE = (1, 4, 64, 64)
 
 
 GEGLU_SHAPES = [(2, 4096, 2 * 1280), (2, 1024, 2 * 2560), (2, 256, 2 * 5120), (2, 64, 2 * 5120)]
+LAYER_NORM_SHAPES = [(2, 4096, 320), (2, 1024, 640), (2, 256, 1280), (2, 64, 1280)]
 
 
 def time_ms(fn) -> tuple[float, float | None]:
@@ -151,6 +155,20 @@ def bench_geglu(dtype):
                "times_ms": times, "work": 1.5 * x.numel() * x.element_size() / 1e9}
 
 
+def bench_layer_norm(dtype):
+    for shape in LAYER_NORM_SHAPES:
+        x, r = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(2))
+        weight, bias = torch.ones(shape[-1], device="cuda", dtype=dtype), torch.zeros(shape[-1], device="cuda", dtype=dtype)
+
+        def eager():
+            total = x + r
+            return total, F.layer_norm(total, (shape[-1],), weight, bias)
+
+        times = {"triton": time_ms(lambda: layer_norm_triton(x, weight, bias, residual=r)), "torch_eager": time_ms(eager)}
+        yield {"op": "layer_norm", "case": "x".join(map(str, shape)) + " +residual", "shape": list(shape),
+               "unit": "GB/s", "times_ms": times, "work": 4 * x.numel() * x.element_size() / 1e9}
+
+
 def summarize(result: dict) -> dict:
     """Split the (launched, graphed) pairs; rates and speedups come from the graph times."""
     pairs = result.pop("times_ms")
@@ -195,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name()
     print(f"{device}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}; graph-replay times, "
           "rates in TFLOP/s (attention) or GB/s, launched-from-Python times in brackets; xN = best PyTorch / Triton")
-    runners = {"attention": bench_attention, "group_norm": bench_group_norm, "step": bench_step, "geglu": bench_geglu}
+    runners = {"attention": bench_attention, "group_norm": bench_group_norm, "step": bench_step, "geglu": bench_geglu,
+               "layer_norm": bench_layer_norm}
     results = []
     for op in ops:
         for result in runners[op](dtype):

@@ -16,6 +16,7 @@ from kernels.attention import attention_triton  # noqa: E402
 from kernels.geglu import geglu_triton  # noqa: E402
 from kernels.group_norm import group_norm_triton  # noqa: E402
 from kernels.guided_step import guided_step_triton  # noqa: E402
+from kernels.layer_norm import layer_norm_triton  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -56,3 +57,10 @@ def test_guided_step(benchmark):
 def test_geglu(benchmark, shape):
     x = torch.randn(shape, device="cuda", dtype=torch.float16)
     bench(benchmark, lambda: geglu_triton(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 4096, 320), (2, 256, 1280)], ids=str)
+def test_layer_norm_after_residual_add(benchmark, shape):
+    x, r = (torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(2))
+    weight, bias = (torch.randn(shape[-1], device="cuda", dtype=torch.float16) for _ in range(2))
+    bench(benchmark, lambda: layer_norm_triton(x, weight, bias, residual=r))

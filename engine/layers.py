@@ -19,6 +19,14 @@ class GroupNorm(nn.GroupNorm):
         return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu, shift=shift)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters, same state-dict keys) through the kernel. Given the branch output that a
+    residual add would sum into x, it makes the add too and returns (x + residual, its norm)."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps, residual)
+
+
 def conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x) minus its bias, for a GroupNorm that adds the bias as its shift."""
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import TextConfig
-from engine.layers import multihead_attention
+from engine.layers import LayerNorm, multihead_attention
 
 
 def _embedding(n: int, dim: int) -> nn.Embedding:
@@ -56,13 +56,13 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.self_attn = SelfAttention(cfg)
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        x, h = self.layer_norm2(x, self.self_attn(self.layer_norm1(x)))
+        return x + self.mlp(h)
 
 
 class Encoder(nn.Module):
@@ -76,7 +76,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.embeddings = Embeddings(cfg)
         self.encoder = Encoder(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, L] -> hidden states after the final layer norm [B, L, hidden_size]."""

@@ -9,7 +9,7 @@ from torch import nn
 
 import kernels
 from engine.config import UNetConfig
-from engine.layers import GroupNorm, conv_without_bias, multihead_attention, pointwise_conv_as_linear
+from engine.layers import GroupNorm, LayerNorm, conv_without_bias, multihead_attention, pointwise_conv_as_linear
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -111,15 +111,15 @@ class TransformerBlock(nn.Module):
         self.attn1 = CrossAttention(dim, heads)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, heads, context_dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.attn1(h)
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # norm2 and norm3 also make the residual add before them: (x + branch, norm(x + branch)).
+        x, h = self.norm2(x, self.attn1(self.norm1(x)))
+        x, h = self.norm3(x, self.attn2(h, context))
+        return x + self.ff(h)
 
 
 class SpatialTransformer(nn.Module):

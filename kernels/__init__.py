@@ -5,8 +5,10 @@ from .dispatch import backend, current_mode, use_triton
 from .geglu import geglu, geglu_ref
 from .group_norm import group_norm, group_norm_ref
 from .guided_step import guided_step, guided_step_ref
+from .layer_norm import layer_norm, layer_norm_ref
 
 __all__ = [
     "attention", "attention_ref", "group_norm", "group_norm_ref", "guided_step", "guided_step_ref", "geglu", "geglu_ref",
+    "layer_norm", "layer_norm_ref",
     "backend", "current_mode", "use_triton",
 ]

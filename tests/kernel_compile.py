@@ -22,6 +22,7 @@ CASES = (
        for shape in ("2x320x4096-cl", "2x1280x64-cl", "1x128x262144-cl", "1x128x262144-nchw") for shift in (False, True)]
     + [f"guided_step-{flags}" for flags in ("guided", "guided-extra", "noise")]
     + [f"geglu-{dt}" for dt in ("fp16", "bf16", "fp32")]
+    + [f"layer_norm-{dt}-N{n}-{kind}" for dt in ("fp16", "fp32") for n in (320, 768, 1280) for kind in ("plain", "residual")]
 )
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -98,6 +99,15 @@ def compile_case(case: str) -> str:
         flags = set(rest)
         return _compile(_guided_step_kernel, pointers, dict(GUIDED="guided" in flags, HAS_EXTRA="extra" in flags,
                                                             HAS_NOISE="noise" in flags, BLOCK=2048))
+    if op == "layer_norm":
+        from kernels.layer_norm import _layer_norm_kernel
+        from kernels.layer_norm import plan as layer_norm_plan
+
+        dt, n = rest[0], int(rest[1][1:])
+        cfg = layer_norm_plan(8192, n)
+        return _compile(_layer_norm_kernel, dict.fromkeys("XRSYWB", dt),
+                        dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_RESIDUAL=rest[2] == "residual"), ("eps",),
+                        cfg.num_warps, multiples_of_16=("N", "stride_x", "stride_r", "stride_s", "stride_y"))
     if op == "geglu":
         return _compile(_geglu_kernel, {"X": rest[0], "Y": rest[0]}, {"BLOCK": 2048}, num_warps=8)
     raise ValueError(f"unknown case {case!r}")

@@ -17,6 +17,7 @@ from kernels.attention import attention_triton, plan as attention_plan
 from kernels.geglu import geglu_triton
 from kernels.group_norm import MIN_CHUNK_ELEMENTS, TARGET_PROGRAMS, group_norm_triton, plan
 from kernels.guided_step import guided_step_triton
+from kernels.layer_norm import layer_norm_triton
 
 pytestmark = [
     pytest.mark.skipif(not (dispatch.INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1"),
@@ -389,6 +390,59 @@ def test_geglu_rejects_odd_width():
         geglu_triton(randn(2, 5))
 
 
+# --------------------------------------------------------------------------------------- layer norm
+
+
+def layer_norm_f64(x, weight, bias, eps=1e-5):
+    x = x.double()
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight.double() + bias.double()
+
+
+LAYER_NORM_SHAPES = [
+    (2, 64, 320), (1, 16, 1280),  # the UNet's transformer rows
+    (1, 77, 768),  # the text encoder's
+    (3, 5, 40),  # a width that is not a power of two, rows that do not fill a program
+    (1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", LAYER_NORM_SHAPES, ids=str)
+def test_layer_norm_matches_float64(shape, dtype):
+    x = (randn(*shape) * 3 + 2).to(dtype)  # an offset mean: the variance must be taken centred
+    weight, bias = (1 + 0.1 * randn(shape[-1])).to(dtype), (0.1 * randn(shape[-1])).to(dtype)
+    y = layer_norm_triton(x, weight, bias)
+    assert_close(y, layer_norm_f64(x, weight, bias), dtype, f"layer_norm {shape} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", LAYER_NORM_SHAPES, ids=str)
+def test_layer_norm_after_residual_add(shape, dtype):
+    x, r = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
+    weight, bias = (1 + 0.1 * randn(shape[-1])).to(dtype), (0.1 * randn(shape[-1])).to(dtype)
+    total, y = layer_norm_triton(x, weight, bias, residual=r)
+    # The sum is the stream's next value, rounded to the dtype as an eager add rounds it; the norm is of that value.
+    assert torch.equal(total, x + r), f"{shape} {dtype}: sum differs from x + r by {(total - (x + r)).abs().max():.2e}"
+    assert_close(y, layer_norm_f64(x + r, weight, bias), dtype, f"layer_norm after residual {shape} {dtype}")
+
+
+def test_layer_norm_reads_strided_rows():
+    x, r = randn(4, 10, 64)[:, ::2], randn(4, 5, 64)  # x's rows are 128 apart, r's 64
+    weight, bias = randn(64), randn(64)
+    total, y = layer_norm_triton(x, weight, bias, 1e-6, residual=r)
+    assert_close(y, layer_norm_f64(x + r, weight, bias, 1e-6), torch.float32, "layer_norm on row-strided x")
+
+
+def test_layer_norm_rejects_mismatched_inputs():
+    x = randn(2, 8)
+    with pytest.raises(ValueError, match="weight and bias"):
+        layer_norm_triton(x, randn(4), randn(8))
+    with pytest.raises(ValueError, match="residual must match"):
+        layer_norm_triton(x, randn(8), randn(8), residual=randn(2, 4))
+
+
 # ----------------------------------------------------------------------------------------- dispatch
 
 
@@ -401,6 +455,7 @@ OPS = {
     "group_norm": lambda: kernels.group_norm(randn(1, 8, 4, 4), 2, randn(8), randn(8)),
     "guided_step": lambda: kernels.guided_step(randn(2, 4, 4, 4), randn(1, 4, 4, 4), torch.ones(6, device=DEVICE), 7.5),
     "geglu": lambda: kernels.geglu(randn(2, 3, 8)),
+    "layer_norm": lambda: kernels.layer_norm(randn(2, 8), randn(8), randn(8)),
 }
 
 

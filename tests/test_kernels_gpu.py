@@ -15,6 +15,7 @@ from kernels.attention import attention_triton
 from kernels.geglu import geglu_triton
 from kernels.group_norm import group_norm_triton
 from kernels.guided_step import guided_step_triton
+from kernels.layer_norm import layer_norm_triton
 
 pytestmark = [
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -150,6 +151,23 @@ def test_geglu(shape, dtype):
     assert_close(geglu_triton(x), ref, th * F.gelu(tgate), dtype, f"geglu {shape} {dtype}")
 
 
+# --------------------------------------------------------------------------------------- layer norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 4096, 320), (2, 1024, 640), (2, 256, 1280), (2, 64, 1280), (2, 77, 768)], ids=str)
+def test_layer_norm_after_residual_add(shape, dtype):
+    x, r = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
+    weight, bias = (1 + 0.1 * randn(shape[-1])).to(dtype), (0.1 * randn(shape[-1])).to(dtype)
+    total, y = layer_norm_triton(x, weight, bias, residual=r)
+    assert torch.equal(total, x + r), f"layer_norm {shape} {dtype}: the sum differs from x + r"
+    s = (x + r).double()
+    ref = (s - s.mean(-1, keepdim=True)) / torch.sqrt(s.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    ref = ref * weight.double() + bias.double()
+    torch_out = F.layer_norm(x + r, (shape[-1],), weight, bias)
+    assert_close(y, ref, torch_out, dtype, f"layer_norm after residual add {shape} {dtype}")
+
+
 # -------------------------------------------------------------------------------------- guided step
 
 
@@ -205,10 +223,10 @@ def compiled_variants() -> set:
     """(kernel name, Triton's specialisation key) of every variant compiled in this process for the current GPU."""
     import triton
 
-    from kernels import attention, geglu, group_norm, guided_step
+    from kernels import attention, geglu, group_norm, guided_step, layer_norm
 
     device = torch.cuda.current_device()
-    jitted = {obj for mod in (attention, geglu, group_norm, guided_step) for obj in vars(mod).values()
+    jitted = {obj for mod in (attention, geglu, group_norm, guided_step, layer_norm) for obj in vars(mod).values()
               if isinstance(obj, triton.runtime.JITFunction)}
     return {(k.fn.__name__, key) for k in jitted for key in k.device_caches[device][0]}
 
