@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from kernels.attention import AttentionPlan, attention_triton, plan  # noqa: E402
+from tritonsd.kernels.attention import AttentionPlan, attention_triton, plan  # noqa: E402
 
 SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),
           (2, 8, 256, 256, 160), (2, 8, 4096, 4096, 64)]

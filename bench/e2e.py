@@ -41,12 +41,12 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 import loader  # noqa: E402
-from engine.model import StableDiffusion  # noqa: E402
-from engine.pipeline import Pipeline  # noqa: E402
-from engine.samplers import make_plan  # noqa: E402
-from engine.tokenizer import CLIPTokenizer  # noqa: E402
-from loader.convert import from_diffusers  # noqa: E402
-from loader.infer import config_from_diffusers  # noqa: E402
+from tritonsd.engine.model import StableDiffusion  # noqa: E402
+from tritonsd.engine.pipeline import Pipeline  # noqa: E402
+from tritonsd.engine.samplers import make_plan  # noqa: E402
+from tritonsd.engine.tokenizer import CLIPTokenizer  # noqa: E402
+from tritonsd.loader.convert import from_diffusers  # noqa: E402
+from tritonsd.loader.infer import config_from_diffusers  # noqa: E402
 
 SECTIONS = ("accuracy", "unet_step", "vae_decode", "txt2img", "compiled", "cold_start", "profile", "layouts")
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
@@ -315,7 +315,7 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch
 t_torch = time.perf_counter()
-from engine.pipeline import Pipeline
+from tritonsd.engine.pipeline import Pipeline
 t1 = time.perf_counter()
 pipe = Pipeline.from_checkpoint(sys.argv[1], device=sys.argv[2], dtype=getattr(torch, sys.argv[3]))
 t2 = time.perf_counter()

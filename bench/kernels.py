@@ -32,7 +32,7 @@ import sys
 import warnings
 from pathlib import Path
 
-# Run as a script, this file's directory comes first on sys.path and its name would shadow the package.
+# Runs as a script from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -40,11 +40,11 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
-from kernels.attention import attention_triton, plan  # noqa: E402
-from kernels.geglu import geglu_triton  # noqa: E402
-from kernels.group_norm import group_norm_triton  # noqa: E402
-from kernels.guided_step import guided_step_triton  # noqa: E402
-from kernels.layer_norm import layer_norm_triton  # noqa: E402
+from tritonsd.kernels.attention import attention_triton, plan  # noqa: E402
+from tritonsd.kernels.geglu import geglu_triton  # noqa: E402
+from tritonsd.kernels.group_norm import group_norm_triton  # noqa: E402
+from tritonsd.kernels.guided_step import guided_step_triton  # noqa: E402
+from tritonsd.kernels.layer_norm import layer_norm_triton  # noqa: E402
 
 OPS = ("attention", "group_norm", "step", "geglu", "layer_norm")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -19,7 +19,7 @@ MEASURE = r"""
 import resource, sys, time, torch
 sys.path.insert(0, {root!r})
 import safetensors.torch
-import loader
+from tritonsd import loader
 path, how, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
 
 
@@ -47,8 +47,8 @@ def write_checkpoint(path: Path) -> None:
     import safetensors.torch
     import torch
 
-    from engine.config import ModelConfig
-    from engine.model import StableDiffusion
+    from tritonsd.engine.config import ModelConfig
+    from tritonsd.engine.model import StableDiffusion
 
     prefixes = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
                 "text_encoder": "cond_stage_model.transformer.text_model."}

@@ -3,20 +3,14 @@
     python -m pytest bench/test_bench_kernels.py
 """
 
-import sys
-from pathlib import Path
+import pytest
+import torch
 
-# pytest puts this folder first on sys.path, where kernels.py (the benchmark script) would shadow the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from kernels.attention import attention_triton  # noqa: E402
-from kernels.geglu import geglu_triton  # noqa: E402
-from kernels.group_norm import group_norm_triton  # noqa: E402
-from kernels.guided_step import guided_step_triton  # noqa: E402
-from kernels.layer_norm import layer_norm_triton  # noqa: E402
+from tritonsd.kernels.attention import attention_triton
+from tritonsd.kernels.geglu import geglu_triton
+from tritonsd.kernels.group_norm import group_norm_triton
+from tritonsd.kernels.guided_step import guided_step_triton
+from tritonsd.kernels.layer_norm import layer_norm_triton
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

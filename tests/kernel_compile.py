@@ -44,7 +44,7 @@ def _compile(kernel, pointers: dict, constants: dict, floats=(), num_warps=4, nu
 
 
 def attention_plan(case: str):
-    from kernels.attention import plan
+    from tritonsd.kernels.attention import plan
 
     _, dt, d, lk = case.split("-")[:4]
     return plan(int(d[1:]), int(lk[2:]), DTYPES[dt])
@@ -53,16 +53,16 @@ def attention_plan(case: str):
 def compile_case(case: str) -> str:
     import triton
 
-    from kernels.geglu import _geglu_kernel
-    from kernels.group_norm import (
+    from tritonsd.kernels.geglu import _geglu_kernel
+    from tritonsd.kernels.group_norm import (
         _group_norm_apply_kernel, _group_norm_nhwc_apply_kernel, _group_norm_nhwc_finalize_kernel,
         _group_norm_nhwc_stats_kernel, _group_norm_stats_kernel, plan,
     )
-    from kernels.guided_step import _guided_step_kernel
+    from tritonsd.kernels.guided_step import _guided_step_kernel
 
     op, *rest = case.split("-")
     if op == "attention":
-        from kernels.attention import _attention_fwd_kernel
+        from tritonsd.kernels.attention import _attention_fwd_kernel
 
         dt, d, lk = rest[0], int(rest[1][1:]), int(rest[2][2:])
         cfg = attention_plan(case)
@@ -100,8 +100,8 @@ def compile_case(case: str) -> str:
         return _compile(_guided_step_kernel, pointers, dict(GUIDED="guided" in flags, HAS_EXTRA="extra" in flags,
                                                             HAS_NOISE="noise" in flags, BLOCK=2048))
     if op == "layer_norm":
-        from kernels.layer_norm import _layer_norm_kernel
-        from kernels.layer_norm import plan as layer_norm_plan
+        from tritonsd.kernels.layer_norm import _layer_norm_kernel
+        from tritonsd.kernels.layer_norm import plan as layer_norm_plan
 
         dt, n = rest[0], int(rest[1][1:])
         cfg = layer_norm_plan(8192, n)

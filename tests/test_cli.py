@@ -16,12 +16,12 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-import kernels
-import loader
-from engine.pipeline import Pipeline
+from tritonsd import kernels
+from tritonsd import loader
+from tritonsd.engine.pipeline import Pipeline
 from tiny import TINY, random_state, write_single_file
-from tools.cli import main
-from tools.pngmeta import format_parameters, parse_parameters
+from tritonsd.cli import main
+from tritonsd.pngmeta import format_parameters, parse_parameters
 
 ROOT = Path(__file__).parents[1]
 FAST = ["--steps", "2", "--width", "32", "--height", "32", "--device", "cpu"]
@@ -269,7 +269,7 @@ def test_batch_under_torchrun_splits_lines_across_ranks(model, tmp_path):
     out = tmp_path / "out"
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tools.cli",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tritonsd.cli",
          "batch", str(tmp_path / "prompts.txt"), "--out", str(out), "--model", str(model), *FAST],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -398,7 +398,7 @@ def test_missing_demo_model_asks_for_model(capsys, tmp_path, monkeypatch):
 ], ids=["argument", "checkpoint"])
 def test_command_line_exit_status_and_no_traceback(bad_files, argv, message):
     result = subprocess.run(
-        [sys.executable, "-m", "tools.cli", *(a.format(**bad_files) for a in argv)],
+        [sys.executable, "-m", "tritonsd.cli", *(a.format(**bad_files) for a in argv)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert result.returncode == 2, f"exit status {result.returncode}: {result.stderr}"

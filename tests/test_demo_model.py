@@ -6,10 +6,10 @@ the foreground's bounding box, overlaps it best."""
 import numpy as np
 import pytest
 
-import kernels
-from engine.pipeline import Pipeline
-from engine.samplers import SAMPLERS
-from loader import DEMO_MODEL
+from tritonsd import kernels
+from tritonsd.engine.pipeline import Pipeline
+from tritonsd.engine.samplers import SAMPLERS
+from tritonsd.loader import DEMO_MODEL
 from tools import shapes
 
 pytestmark = pytest.mark.skipif(not DEMO_MODEL.is_file(), reason="the demo model is not installed in this copy")
@@ -139,7 +139,7 @@ def test_img2img_keeps_the_input_at_low_strength_and_follows_a_new_prompt_at_hig
 def test_triton_path_draws_the_reference_picture(pipe, monkeypatch):
     launches = dict.fromkeys(("attention", "group_norm", "guided_step"), 0)
     for name in launches:
-        module = __import__(f"kernels.{name}", fromlist=[name])
+        module = __import__(f"tritonsd.kernels.{name}", fromlist=[name])
 
         def counted(*args, _name=name, _launcher=getattr(module, f"{name}_triton"), **kw):
             launches[_name] += 1

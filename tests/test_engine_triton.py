@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
-from engine.pipeline import Pipeline
+from tritonsd import kernels
+from tritonsd.engine.pipeline import Pipeline
 from tiny import TINY, random_state, write_single_file
 
 KERNELS = ("attention", "group_norm", "guided_step", "geglu")
@@ -25,7 +25,7 @@ def launches(monkeypatch):
     """Counts each kernel launcher's calls, so a comparison cannot pass by quietly taking the reference path."""
     counts = dict.fromkeys(KERNELS, 0)
     for name in KERNELS:
-        module = __import__(f"kernels.{name}", fromlist=[name])
+        module = __import__(f"tritonsd.kernels.{name}", fromlist=[name])
         launcher = getattr(module, f"{name}_triton")
 
         def counted(*args, _name=name, _launcher=launcher, **kw):

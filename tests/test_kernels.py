@@ -11,13 +11,13 @@ import importlib
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch
-from kernels.attention import attention_triton, plan as attention_plan
-from kernels.geglu import geglu_triton
-from kernels.group_norm import MIN_CHUNK_ELEMENTS, TARGET_PROGRAMS, group_norm_triton, plan
-from kernels.guided_step import guided_step_triton
-from kernels.layer_norm import layer_norm_triton
+from tritonsd import kernels
+from tritonsd.kernels import dispatch
+from tritonsd.kernels.attention import attention_triton, plan as attention_plan
+from tritonsd.kernels.geglu import geglu_triton
+from tritonsd.kernels.group_norm import MIN_CHUNK_ELEMENTS, TARGET_PROGRAMS, group_norm_triton, plan
+from tritonsd.kernels.guided_step import guided_step_triton
+from tritonsd.kernels.layer_norm import layer_norm_triton
 
 pytestmark = [
     pytest.mark.skipif(not (dispatch.INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1"),
@@ -136,7 +136,7 @@ def test_attention_head_dim_tiles(head_dim, tiles):
 def test_attention_proves_alignment_only_when_strides_allow(monkeypatch, head_dim, align):
     """Head-strided [B, L, H, D] views get ALIGN = 8 (16-byte loads on GPU) when every batch, head and row stride is
     a multiple of 8 elements, and ALIGN = 1 otherwise; either way the kernel sees the true strides."""
-    attention_module = importlib.import_module("kernels.attention")
+    attention_module = importlib.import_module("tritonsd.kernels.attention")
     launched = {}
 
     class Spy:
@@ -463,7 +463,7 @@ OPS = {
 def launchers_raise(monkeypatch):
     """Replace every launcher by one that raises Routed, so a call tells which path it took."""
     for op in OPS:
-        module = importlib.import_module(f"kernels.{op}")
+        module = importlib.import_module(f"tritonsd.kernels.{op}")
 
         def launcher(*args, _op=op, **kwargs):
             raise Routed(_op)

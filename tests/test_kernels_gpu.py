@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.attention import attention_triton
-from kernels.geglu import geglu_triton
-from kernels.group_norm import group_norm_triton
-from kernels.guided_step import guided_step_triton
-from kernels.layer_norm import layer_norm_triton
+from tritonsd import kernels
+from tritonsd.kernels.attention import attention_triton
+from tritonsd.kernels.geglu import geglu_triton
+from tritonsd.kernels.group_norm import group_norm_triton
+from tritonsd.kernels.guided_step import guided_step_triton
+from tritonsd.kernels.layer_norm import layer_norm_triton
 
 pytestmark = [
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -223,7 +223,7 @@ def compiled_variants() -> set:
     """(kernel name, Triton's specialisation key) of every variant compiled in this process for the current GPU."""
     import triton
 
-    from kernels import attention, geglu, group_norm, guided_step, layer_norm
+    from tritonsd.kernels import attention, geglu, group_norm, guided_step, layer_norm
 
     device = torch.cuda.current_device()
     jitted = {obj for mod in (attention, geglu, group_norm, guided_step, layer_norm) for obj in vars(mod).values()
@@ -232,7 +232,7 @@ def compiled_variants() -> set:
 
 
 def test_precompile_compiles_what_the_call_then_launches():
-    from kernels.launch import precompile
+    from tritonsd.kernels.launch import precompile
 
     # Head dim 24 and 9 channels per group are used nowhere else, so these variants are new to the process.
     q, k, v = (randn(2, 3, 70, 24, dtype=torch.float16) for _ in range(3))

@@ -16,11 +16,11 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-import loader
-from engine.config import ModelConfig
-from engine.model import StableDiffusion
-from engine.tokenizer import CLIPTokenizer
-from loader import CheckpointError
+from tritonsd import loader
+from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.model import StableDiffusion
+from tritonsd.engine.tokenizer import CLIPTokenizer
+from tritonsd.loader import CheckpointError
 from tiny import TINY, original_checkpoint, random_state, write_diffusers_folder, write_single_file
 
 # Three levels, attention only at full resolution (so the upsamplers sit right after a ResBlock), one res block per
@@ -172,7 +172,7 @@ def test_attention_projections_are_fused_but_files_keep_the_checkpoint_names(tmp
 @pytest.mark.parametrize("low_byte", [0x80, 0x00, 0x08])
 def test_safetensors_is_recognised_whatever_its_header_length(tmp_path, low_byte):
     """A safetensors file begins with its header's length; a length whose low byte is 0x80 begins like a pickle."""
-    from loader.formats import read_file
+    from tritonsd.loader.formats import read_file
 
     path, tensors = tmp_path / "t.safetensors", {"w": torch.arange(4.0)}
     for pad in range(512):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.pipeline import Pipeline
-from engine.samplers import SAMPLERS
+from tritonsd.engine.pipeline import Pipeline
+from tritonsd.engine.samplers import SAMPLERS
 from tiny import TINY, random_state, write_diffusers_folder, write_single_file
 
 diffusers = pytest.importorskip("diffusers")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.pipeline import Pipeline
-from engine.samplers import SAMPLERS
+from tritonsd.engine.pipeline import Pipeline
+from tritonsd.engine.samplers import SAMPLERS
 from tiny import TINY, random_state, write_single_file
 
 FAST = dict(steps=2, width=16, height=16)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
-from engine.pipeline import Pipeline
-from engine.samplers import SAMPLERS
-from loader import DEMO_MODEL
+from tritonsd import kernels
+from tritonsd.engine.pipeline import Pipeline
+from tritonsd.engine.samplers import SAMPLERS
+from tritonsd.loader import DEMO_MODEL
 
 pytestmark = [
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import loader
+from tritonsd import loader
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ def test_quickstart_command_draws_the_image(tmp_path):
     assert install.startswith("python -m pip install")
     argv = shlex.split(generate)
     assert argv[0] == "tritonsd"
-    done = subprocess.run([sys.executable, "-m", "tools.cli", *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "tritonsd.cli", *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert done.returncode == 0, f"quickstart failed: {done.stderr}"
     output = tmp_path / argv[argv.index("-o") + 1]

@@ -14,7 +14,7 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
 )
 
-from engine.samplers import SAMPLERS, make_plan
+from tritonsd.engine.samplers import SAMPLERS, make_plan
 
 # diffusers' schedulers call np.array on tensors, which numpy 2 flags; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

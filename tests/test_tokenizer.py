@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.tokenizer import CLIPTokenizer
+from tritonsd.engine.tokenizer import CLIPTokenizer
 
 MAX_LEN = 77
 
@@ -152,7 +152,7 @@ def _assert_rows_equal(ours: torch.Tensor, ref: torch.Tensor, prompts: list[str]
 
 
 def test_bundled_vocabulary_is_openai_clips(openai_clip):
-    ours = Path(__file__).parents[1] / "engine" / "data" / "bpe_simple_vocab_16e6.txt.gz"
+    ours = Path(__file__).parents[1] / "tritonsd" / "engine" / "data" / "bpe_simple_vocab_16e6.txt.gz"
     theirs = Path(next(iter(importlib.util.find_spec("clip").submodule_search_locations))) / ours.name
     assert ours.read_bytes() == theirs.read_bytes(), f"{ours} is not a copy of {theirs}"
 

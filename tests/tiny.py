@@ -9,8 +9,8 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from engine.config import ModelConfig
-from engine.model import StableDiffusion
+from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.model import StableDiffusion
 
 # Two levels so there are down/upsamplers; attention at both; a channel change so ResBlocks have skip convolutions;
 # norm_groups 8 and heads 2 so nothing silently relies on the SD1.x values; the real CLIP vocabulary so the real
@@ -106,7 +106,7 @@ def write_tokenizer(folder: Path) -> None:
     OpenAI's tokenizer builds its vocabulary."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    bpe = Path(__file__).parents[1] / "engine" / "data" / "bpe_simple_vocab_16e6.txt.gz"
+    bpe = Path(__file__).parents[1] / "tritonsd" / "engine" / "data" / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.decompress(bpe.read_bytes()).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]

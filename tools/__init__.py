@@ -1,1 +1,1 @@
-"""Command-line tools."""
+"""Scripts for developing tritonsd (demo-model training, the README grid); not installed with the package."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from engine.pipeline import Pipeline
+from tritonsd.engine.pipeline import Pipeline
 
 PROMPTS = [
     "a red circle on a blue background",

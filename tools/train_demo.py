@@ -27,11 +27,11 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-import loader
-from engine.config import ModelConfig
-from engine.model import StableDiffusion
-from engine.samplers import ALPHAS_CUMPROD
-from engine.tokenizer import CLIPTokenizer
+from tritonsd import loader
+from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.model import StableDiffusion
+from tritonsd.engine.samplers import ALPHAS_CUMPROD
+from tritonsd.engine.tokenizer import CLIPTokenizer
 from tools import shapes
 
 # 64x64 pictures, latents 4x smaller; the real CLIP vocabulary so the real tokenizer drives it; a few M parameters.
@@ -157,7 +157,7 @@ def train_diffusion(model: StableDiffusion, ema: StableDiffusion, latents: tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("engine/data/demo/demo.safetensors"))
+    parser.add_argument("--out", type=Path, default=Path("tritonsd/engine/data/demo/demo.safetensors"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples", type=int, default=16000, help="pictures in the training pool")

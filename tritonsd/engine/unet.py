@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from engine.config import UNetConfig
-from engine.layers import GroupNorm, LayerNorm, conv_without_bias, multihead_attention, pointwise_conv_as_linear
+from tritonsd import kernels
+from tritonsd.engine.config import UNetConfig
+from tritonsd.engine.layers import GroupNorm, LayerNorm, conv_without_bias, multihead_attention, pointwise_conv_as_linear
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -14,12 +14,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
-from engine.model import StableDiffusion
-from engine.tokenizer import CLIPTokenizer
-from loader.convert import from_diffusers, from_original
-from loader.formats import CheckpointError, read_diffusers, read_file
-from loader.infer import architecture, config_from_diffusers, infer_config
+from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.model import StableDiffusion
+from tritonsd.engine.tokenizer import CLIPTokenizer
+from tritonsd.loader.convert import from_diffusers, from_original
+from tritonsd.loader.formats import CheckpointError, read_diffusers, read_file
+from tritonsd.loader.infer import architecture, config_from_diffusers, infer_config
 
 __all__ = ["CheckpointError", "default_model", "load_state_dict", "infer_config", "load", "save", "describe"]
 

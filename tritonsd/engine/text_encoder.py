@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import TextConfig
-from engine.layers import LayerNorm, multihead_attention
+from tritonsd.engine.config import TextConfig
+from tritonsd.engine.layers import LayerNorm, multihead_attention
 
 
 def _embedding(n: int, dim: int) -> nn.Embedding:

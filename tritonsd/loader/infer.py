@@ -4,8 +4,8 @@ import re
 
 import torch
 
-from engine.config import ModelConfig
-from loader.formats import CheckpointError
+from tritonsd.engine.config import ModelConfig
+from tritonsd.loader.formats import CheckpointError
 
 
 def architecture(state: dict[str, torch.Tensor]) -> tuple[str, str]:

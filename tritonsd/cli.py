@@ -19,11 +19,11 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-import loader
-from engine.config import ModelConfig
-from engine.pipeline import Pipeline
-from engine.samplers import SAMPLERS, make_plan
-from tools.pngmeta import format_parameters, model_hash
+from tritonsd import loader
+from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.pipeline import Pipeline
+from tritonsd.engine.samplers import SAMPLERS, make_plan
+from tritonsd.pngmeta import format_parameters, model_hash
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

@@ -11,12 +11,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-import kernels
-from engine.config import ModelConfig
-from engine.graphs import GraphCache
-from engine.model import StableDiffusion
-from engine.samplers import SamplerPlan, make_plan
-from engine.tokenizer import CLIPTokenizer
+from tritonsd import kernels
+from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.graphs import GraphCache
+from tritonsd.engine.model import StableDiffusion
+from tritonsd.engine.samplers import SamplerPlan, make_plan
+from tritonsd.engine.tokenizer import CLIPTokenizer
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -43,7 +43,7 @@ class Pipeline:
         config: ModelConfig | None = None,
     ) -> "Pipeline":
         """Load an original single-file checkpoint, a diffusers folder or a tritonsd file (the demo model if no path)."""
-        import loader
+        from tritonsd import loader
 
         model, tokenizer = loader.load(loader.default_model() if path is None else path, device=device, dtype=dtype, config=config)
         return cls(model, tokenizer)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.launch import precompile
+from tritonsd.kernels.launch import precompile
 
 
 def _signature(args: tuple) -> tuple:

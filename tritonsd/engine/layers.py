@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from tritonsd import kernels
 
 
 class GroupNorm(nn.GroupNorm):

@@ -3,10 +3,10 @@
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
-from engine.text_encoder import TextEncoder
-from engine.unet import UNet
-from engine.vae import VAE
+from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.text_encoder import TextEncoder
+from tritonsd.engine.unet import UNet
+from tritonsd.engine.vae import VAE
 
 
 class StableDiffusion(nn.Module):

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import VAEConfig
-from engine.layers import GroupNorm, conv_without_bias
-import kernels
+from tritonsd.engine.config import VAEConfig
+from tritonsd.engine.layers import GroupNorm, conv_without_bias
+from tritonsd import kernels
 
 
 class ResnetBlock(nn.Module):
