@@ -14,15 +14,20 @@ from tqdm.auto import tqdm
 from tritonsd import kernels
 from tritonsd.engine.config import ModelConfig
 from tritonsd.engine.graphs import GraphCache
+from tritonsd.engine.lora import CheckpointBase, CopiedBase, LoraSet, extract_lora_tags, find_lora
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.engine.samplers import SamplerPlan, make_plan
 from tritonsd.engine.tokenizer import CLIPTokenizer
+from tritonsd.loader.formats import CheckpointError
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
 class Pipeline:
-    def __init__(self, model: StableDiffusion, tokenizer: CLIPTokenizer):
+    def __init__(self, model: StableDiffusion, tokenizer: CLIPTokenizer, checkpoint: str | Path | None = None,
+                 lora_dirs=()):
+        """checkpoint: the file or folder the model was loaded from, where LoRAs read its base weights back;
+        without it, the weights a LoRA touches are copied in memory first."""
         self.model = model
         self.tokenizer = tokenizer
         self.unet, self.vae, self.text_encoder = model.unet, model.vae, model.text_encoder
@@ -31,6 +36,8 @@ class Pipeline:
         self.vae_scale = 2 ** (len(self.config.vae.ch_mult) - 1)
         self.default_size = self.config.unet.sample_size * self.vae_scale
         self._graphs: GraphCache | None = None
+        self._loras = LoraSet(model, CheckpointBase(checkpoint) if checkpoint is not None else CopiedBase())
+        self.lora_dirs = [Path(d) for d in lora_dirs]
         if self.device.type == "cuda":
             # cuDNN's fastest half-precision convolutions read and write NHWC; the GroupNorm kernel and the
             # attention's head split read either layout through strides.
@@ -40,13 +47,81 @@ class Pipeline:
     @classmethod
     def from_checkpoint(
         cls, path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-        config: ModelConfig | None = None,
+        config: ModelConfig | None = None, vae: str | Path | None = None, lora_dirs=(),
     ) -> "Pipeline":
-        """Load an original single-file checkpoint, a diffusers folder or a tritonsd file (the demo model if no path)."""
+        """Load an original single-file checkpoint, a diffusers folder or a tritonsd file (the demo model if no path),
+        with the VAE of a separate file if given. lora_dirs: folders where <lora:NAME> prompt tags find NAME.*"""
         from tritonsd import loader
 
-        model, tokenizer = loader.load(loader.default_model() if path is None else path, device=device, dtype=dtype, config=config)
-        return cls(model, tokenizer)
+        path = loader.default_model() if path is None else path
+        model, tokenizer = loader.load(path, device=device, dtype=dtype, config=config)
+        pipe = cls(model, tokenizer, checkpoint=path, lora_dirs=lora_dirs)
+        if vae is not None:
+            pipe.load_vae(vae)
+        return pipe
+
+    def load_vae(self, path: str | Path) -> None:
+        """Replace the VAE's weights with a separate VAE file's or diffusers vae/ folder's (same architecture), in
+        place. Nothing changes if the file does not fit."""
+        from tritonsd.loader import _mismatches
+        from tritonsd.loader.vae import read_vae
+
+        state = read_vae(path, self.dtype, self.device)
+        current = {f"vae.{k}": t for k, t in self.vae.state_dict(keep_vars=True).items()}
+        problems = [f"{len(items)} {what} tensor(s): {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
+                    for what, items in zip(("missing", "unexpected", "wrongly shaped"), _mismatches(state, current)) if items]
+        if problems:
+            raise CheckpointError(f"{path}: does not fit this model's VAE; " + "; ".join(problems))
+        with torch.no_grad():
+            for name, t in state.items():
+                current[name].copy_(t)
+
+    # --- LoRA --------------------------------------------------------------------------------------------------
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Apply a LoRA/LyCORIS file to the UNet and text encoder at `scale`; returns its name (default: the file
+        name without extension). Several LoRAs add up. Loading a name already loaded is an error."""
+        return self._loras.load(path, scale, name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        self._loras.set_scale(name, scale)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA, or all; the weights they touched return to the checkpoint's, bit for bit."""
+        self._loras.unload(name)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """{name: scale} of the LoRAs loaded with load_lora."""
+        return self._loras.scales
+
+    def lora_hashes(self, prompt: str) -> dict[str, str]:
+        """{name: AUTOMATIC1111's short hash} of every LoRA a call with this prompt applies: those loaded, then
+        the prompt's <lora:NAME> tags."""
+        from tritonsd.loader.lora import short_hash
+
+        hashes = self._loras.hashes(list(self.loras))
+        for name, _ in extract_lora_tags(prompt)[1]:
+            if name not in hashes:
+                hashes[name] = short_hash(find_lora(name, self.lora_dirs))
+        return hashes
+
+    def _prompt_loras(self, prompts: list[str], negatives: list[str]) -> tuple[list[str], dict]:
+        """The prompts without their <lora:NAME:WEIGHT> tags, and the LoRAs they apply for this call. Every prompt
+        of a call must name the same LoRAs, as they change the weights all images share."""
+        parsed = [extract_lora_tags(p) for p in prompts]
+        tags = parsed[0][1]
+        if any(sorted(t) != sorted(tags) for _, t in parsed[1:]):
+            raise ValueError("the prompts of one call name different LoRAs (<lora:...> tags); "
+                             "they share the model's weights, so give them in separate calls")
+        if any(extract_lora_tags(n)[1] for n in negatives):
+            raise ValueError("<lora:...> tags apply in the prompt, not in the negative prompt")
+        names = [name for name, _ in tags]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a prompt names the same LoRA twice: {', '.join(sorted(names))}")
+        loras = {name: (None if name in self.loras else self._loras.read(find_lora(name, self.lora_dirs)), weight)
+                 for name, weight in tags}
+        return [p for p, _ in parsed], loras
 
     @property
     def device(self) -> torch.device:
@@ -95,10 +170,12 @@ class Pipeline:
         _check_common(batch_size, guidance_scale, output_type)
         plan = make_plan(sampler, steps)
         generator = _generator(seed)
-        context = self._context(prompts, negatives, batch_size, guidance_scale)
-        shape = (len(prompts) * batch_size, self.config.unet.in_channels, height // self.vae_scale, width // self.vae_scale)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32) * plan.init_scale
-        latents = self._denoise(latents.to(self.device), context, plan, guidance_scale, generator, progress)
+        prompts, loras = self._prompt_loras(prompts, negatives)
+        with self._loras.temporarily(loras):
+            context = self._context(prompts, negatives, batch_size, guidance_scale)
+            shape = (len(prompts) * batch_size, self.config.unet.in_channels, height // self.vae_scale, width // self.vae_scale)
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32) * plan.init_scale
+            latents = self._denoise(latents.to(self.device), context, plan, guidance_scale, generator, progress)
         return self._output(latents, output_type)
 
     @torch.inference_mode()
@@ -112,13 +189,15 @@ class Pipeline:
         plan = make_plan(sampler, steps, strength)
         pixels = _image_tensor(image, self.vae_scale).to(self.device, self.dtype)
         generator = _generator(seed)
-        context = self._context(prompts, negatives, batch_size, guidance_scale)
-        mean, logvar = self.vae.encode(pixels)
-        sample = mean.float() + torch.exp(0.5 * logvar.float()) * torch.randn(mean.shape, generator=generator).to(self.device)
-        init = (self.vae.scaling_factor * sample).repeat(len(prompts) * batch_size, 1, 1, 1)
-        noise = torch.randn(init.shape, generator=generator).to(self.device)
-        p, q = plan.add_noise
-        latents = self._denoise(p * init + q * noise, context, plan, guidance_scale, generator, progress)
+        prompts, loras = self._prompt_loras(prompts, negatives)
+        with self._loras.temporarily(loras):
+            context = self._context(prompts, negatives, batch_size, guidance_scale)
+            mean, logvar = self.vae.encode(pixels)
+            sample = mean.float() + torch.exp(0.5 * logvar.float()) * torch.randn(mean.shape, generator=generator).to(self.device)
+            init = (self.vae.scaling_factor * sample).repeat(len(prompts) * batch_size, 1, 1, 1)
+            noise = torch.randn(init.shape, generator=generator).to(self.device)
+            p, q = plan.add_noise
+            latents = self._denoise(p * init + q * noise, context, plan, guidance_scale, generator, progress)
         return self._output(latents, output_type)
 
     def _context(self, prompts: list[str], negatives: list[str], batch_size: int, guidance_scale: float) -> torch.Tensor:

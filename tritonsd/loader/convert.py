@@ -112,6 +112,18 @@ def from_diffusers(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch
     rules = unet_rules(res_blocks, up_attention)
     state = {f"unet.{_rename(k, rules)}": t for k, t in unet.items()}
 
+    state.update(vae_from_diffusers(vae))
+
+    # transformers writes CLIPTextModel with or without the text_model. prefix, depending on its version.
+    for k, t in text.items():
+        if not IGNORED.fullmatch(k):
+            state["text_encoder." + k.removeprefix("text_model.")] = t
+    return state
+
+
+def vae_from_diffusers(vae: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL's tensors -> engine names (vae.*)."""
+    state = {}
     rules = vae_rules(_count(vae, r"decoder\.up_blocks\.(\d+)\."))
     for k, t in vae.items():
         k = _rename(k, rules)
@@ -119,9 +131,4 @@ def from_diffusers(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch
         if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", k) and t.ndim == 2:
             t = t[:, :, None, None]
         state[f"vae.{k}"] = t
-
-    # transformers writes CLIPTextModel with or without the text_model. prefix, depending on its version.
-    for k, t in text.items():
-        if not IGNORED.fullmatch(k):
-            state["text_encoder." + k.removeprefix("text_model.")] = t
     return state
