@@ -168,3 +168,362 @@ def test_kohya_compvis_names_give_the_same_image(pipe, files, kohya, tmp_path):
         finally:
             pipe.unload_lora()
     assert np.array_equal(images[0], images[1]), "CompVis-style names give another image than diffusers-style ones"
+
+
+@pytest.fixture(scope="module")
+def peft_file(files):
+    """A LoRA trained-and-saved the diffusers way: PEFT adapters on diffusers' UNet and transformers' CLIP, with
+    lora_alpha != r so the scaling counts, written by diffusers' save_lora_weights with its adapter metadata."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    root, _, folder, _ = files
+    torch.manual_seed(3)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+    text = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder")
+    unet_config = LoraConfig(r=RANK, lora_alpha=6, init_lora_weights=False, target_modules=[
+        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"])
+    text_config = LoraConfig(r=2, lora_alpha=3, init_lora_weights=False,
+                             target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    inject_adapter_in_model(unet_config, unet)
+    inject_adapter_in_model(text_config, text)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        root, unet_lora_layers=get_peft_model_state_dict(unet), text_encoder_lora_layers=get_peft_model_state_dict(text),
+        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict(),
+        weight_name="peft.safetensors")
+    return root / "peft.safetensors"
+
+
+def test_peft_lora_matches_diffusers(pipe, files, peft_file):
+    keys = list(safetensors.torch.load_file(peft_file))
+    assert any(k.startswith("unet.") and "lora_A" in k for k in keys), keys[:3]
+    assert any(k.startswith("text_encoder.") for k in keys), keys[:3]
+    reference = theirs(files[2])
+    reference.load_lora_weights(str(peft_file))
+    reference.fuse_lora(lora_scale=0.7)
+    want = their_image(reference)
+    pipe.load_lora(peft_file, scale=0.7)
+    try:
+        got = pipe.txt2img(PROMPT, **GEN)
+    finally:
+        pipe.unload_lora()
+    assert psnr(pipe.txt2img(PROMPT, **GEN), want) < 25, "the PEFT LoRA hardly changes the image"
+    assert_close_images(got, want, "PEFT LoRA (r != alpha, from diffusers' save_lora_weights) at 0.7")
+
+
+def test_two_loras_match_diffusers_set_adapters(pipe, files, kohya, peft_file):
+    reference = theirs(files[2])
+    reference.load_lora_weights(str(kohya[0]), adapter_name="a")
+    reference.load_lora_weights(str(peft_file), adapter_name="b")
+    reference.set_adapters(["a", "b"], adapter_weights=[0.6, -0.5])
+    want = their_image(reference)
+    pipe.load_lora(kohya[0], scale=0.6, name="a")
+    pipe.load_lora(peft_file, scale=-0.5, name="b")
+    try:
+        assert pipe.loras == {"a": 0.6, "b": -0.5}
+        got = pipe.txt2img(PROMPT, **GEN)
+    finally:
+        pipe.unload_lora()
+    assert_close_images(got, want, "two LoRAs at once (0.6 and -0.5)")
+
+
+def test_attention_processor_names_equal_peft_names(pipe, peft_file, tmp_path):
+    """diffusers' older format (….processor.to_q_lora.down.weight) names the same layers."""
+    state = {k: v for k, v in safetensors.torch.load_file(peft_file).items()
+             if k.startswith("unet.") and ".attn" in k and ".to_" in k}
+    processor = {}
+    for k, v in state.items():
+        module, _, leaf = k.removesuffix(".weight").rpartition(".")
+        block, proj = module.rsplit(".to_", 1)
+        proj = "out" if proj == "out.0" else proj
+        processor[f"{block}.processor.to_{proj}_lora.{'down' if leaf == 'lora_A' else 'up'}.weight"] = v
+    peft_subset, old = tmp_path / "subset.safetensors", tmp_path / "processor.safetensors"
+    safetensors.torch.save_file(state, peft_subset)
+    safetensors.torch.save_file(processor, old)
+    params = []
+    for file in (peft_subset, old):
+        pipe.load_lora(file, name="x")
+        params.append(weights(pipe))
+        pipe.unload_lora()
+    differ = [k for k in params[0] if not torch.equal(params[0][k], params[1][k])]
+    assert not differ, f"processor-style names patch other weights: {differ[:5]}"
+
+
+# --- LyCORIS against the definitions -------------------------------------------------------------------------------
+
+def _factors(g, *shapes):
+    return [torch.randn(*s, generator=g, dtype=torch.float64) / s[-1] ** 0.5 for s in shapes]
+
+
+def lycoris_layers(state) -> dict[str, tuple[str, dict, float]]:
+    """{original checkpoint key: (kohya module name, float64 factors, alpha)}; layers of every shape the formats
+    handle: rows of the joined q/k/v and k/v weights, a 3x3 convolution (Tucker cores), a 1x1 one, text layers."""
+    g = torch.Generator().manual_seed(9)
+    u, t = "model.diffusion_model.", "cond_stage_model.transformer.text_model."
+    block = "input_blocks.1.1.transformer_blocks.0."
+    loha = {
+        u + block + "attn1.to_q": dict(zip(["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"], _factors(g, (32, 3), (3, 32), (32, 3), (3, 32)))),
+        u + block + "attn1.to_v": dict(zip(["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"], _factors(g, (32, 2), (2, 32), (32, 2), (2, 32)))),
+        u + block + "ff.net.2": dict(zip(["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"], _factors(g, (32, 4), (4, 128), (32, 4), (4, 128)))),
+        u + "input_blocks.4.0.in_layers.2": dict(zip(  # Tucker: w_a [r, out], w_b [r, in], t [r, r, 3, 3]
+            ["hada_w1_a", "hada_w1_b", "hada_t1", "hada_w2_a", "hada_w2_b", "hada_t2"],
+            _factors(g, (3, 64), (3, 32), (3, 3, 3, 3), (3, 64), (3, 32), (3, 3, 3, 3)))),
+        t + "encoder.layers.0.mlp.fc1": dict(zip(["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"], _factors(g, (64, 2), (2, 32), (64, 2), (2, 32)))),
+    }
+    lokr = {
+        u + block + "attn2.to_k": dict(zip(["lokr_w1_a", "lokr_w1_b", "lokr_w2"], _factors(g, (4, 2), (2, 4), (8, 8)))),
+        u + block + "attn2.to_v": dict(zip(["lokr_w1", "lokr_w2_a", "lokr_w2_b"], _factors(g, (2, 4), (16, 3), (3, 8)))),
+        u + block + "attn2.to_out.0": dict(zip(["lokr_w1", "lokr_w2"], _factors(g, (4, 4), (8, 8)))),
+        u + "input_blocks.1.1.proj_in": dict(zip(["lokr_w1", "lokr_w2"], _factors(g, (2, 2), (16, 16, 1, 1)))),
+        u + "output_blocks.0.0.in_layers.2": dict(zip(["lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2"],
+                                                      _factors(g, (4, 4), (2, 16), (2, 32), (2, 2, 3, 3)))),
+        t + "encoder.layers.1.self_attn.q_proj": dict(zip(["lokr_w1", "lokr_w2"], _factors(g, (4, 4), (8, 8)))),
+    }
+    assert all(k + ".weight" in state for k in {**loha, **lokr}), "a layer name is not in the checkpoint"
+
+    def kohya(key):
+        if key.startswith(u):
+            return "lora_unet_" + key.removeprefix(u).replace(".", "_")
+        return "lora_te_text_model_" + key.removeprefix(t).replace(".", "_")
+
+    return {k: (kohya(k), f, 5.0) for k, f in {**loha, **lokr}.items()}
+
+
+def merged_delta(factors: dict, alpha: float, shape) -> torch.Tensor:
+    """ΔW by the LyCORIS definitions (as AUTOMATIC1111's network_hada.py and network_lokr.py apply them)."""
+    f = factors
+    if "hada_w1_a" in f:
+        def product(i):
+            if f"hada_t{i}" in f:  # W[p, q, k, l] = Σ_ij t[i, j, k, l] a[i, p] b[j, q]
+                return torch.einsum("ip,jq,ijkl->pqkl", f[f"hada_w{i}_a"], f[f"hada_w{i}_b"], f[f"hada_t{i}"])
+            return (f[f"hada_w{i}_a"] @ f[f"hada_w{i}_b"]).reshape(shape)
+        return product(1) * product(2) * (alpha / f["hada_w1_b"].shape[0])
+    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+    if "lokr_t2" in f:
+        w2 = torch.einsum("ip,jq,ijkl->pqkl", f["lokr_w2_a"], f["lokr_w2_b"], f["lokr_t2"])
+    else:
+        w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+    rank = f["lokr_w2_b"].shape[0] if "lokr_w2_b" in f else f["lokr_w1_b"].shape[0] if "lokr_w1_b" in f else None
+    scale = alpha / rank if rank else 1.0
+    if w2.ndim == 4:
+        w1 = w1[:, :, None, None]
+    return (torch.kron(w1, w2) * scale).reshape(shape)
+
+
+def test_loha_and_lokr_equal_the_merged_checkpoint(pipe, files, tmp_path):
+    root, _, _, state = files
+    ckpt = original_checkpoint(state)
+    layers = lycoris_layers(ckpt)
+    lycoris, merged = {}, dict(ckpt)
+    for key, (name, factors, alpha) in layers.items():
+        lycoris |= {f"{name}.{leaf}": t.float() for leaf, t in factors.items()} | {f"{name}.alpha": torch.tensor(alpha)}
+        w = ckpt[key + ".weight"]
+        merged[key + ".weight"] = (w.double() + 0.9 * merged_delta(factors, alpha, w.shape)).float()
+    safetensors.torch.save_file(lycoris, tmp_path / "lycoris.safetensors")
+    safetensors.torch.save_file(merged, tmp_path / "merged.safetensors")
+    want = Pipeline.from_checkpoint(tmp_path / "merged.safetensors", config=TINY).txt2img(PROMPT, **GEN)
+    pipe.load_lora(tmp_path / "lycoris.safetensors", scale=0.9)
+    try:
+        got = pipe.txt2img(PROMPT, **GEN)
+    finally:
+        pipe.unload_lora()
+    assert psnr(pipe.txt2img(PROMPT, **GEN), want) < 30, "the LyCORIS layers hardly change the image"
+    assert_close_images(got, want, "LoHa + LoKr against the merged checkpoint")
+
+
+# --- switching -----------------------------------------------------------------------------------------------------
+
+def test_set_scale_equals_loading_at_that_scale_and_unload_is_exact(pipe, kohya, peft_file):
+    before, image = weights(pipe), pipe.txt2img(PROMPT, **GEN)
+    pipe.load_lora(kohya[0], scale=0.3, name="k")
+    at_03 = weights(pipe)
+    pipe.unload_lora("k")
+    pipe.load_lora(kohya[0], scale=1.0, name="k")
+    pipe.load_lora(peft_file, scale=0.5, name="p")
+    pipe.set_lora_scale("k", 0.3)
+    pipe.unload_lora("p")
+    assert pipe.loras == {"k": 0.3}
+    differ = [k for k, v in pipe.model.named_parameters() if not torch.equal(v, at_03[k])]
+    assert not differ, f"set_lora_scale(0.3) after other changes differs from loading at 0.3 in {differ[:5]}"
+    pipe.set_lora_scale("k", 0.0)
+    assert_weights_equal(pipe, before, "scale 0")
+    pipe.unload_lora()
+    assert pipe.loras == {}
+    assert_weights_equal(pipe, before, "after unloading every LoRA")
+    assert np.array_equal(pipe.txt2img(PROMPT, **GEN), image), "the image after unloading differs from before"
+
+
+def test_the_result_does_not_depend_on_the_order_of_loading(pipe, kohya, peft_file):
+    pipe.load_lora(kohya[0], name="a", scale=0.7)
+    pipe.load_lora(peft_file, name="b", scale=1.1)
+    first = weights(pipe)
+    pipe.unload_lora()
+    pipe.load_lora(peft_file, name="b", scale=1.1)
+    pipe.load_lora(kohya[0], name="a", scale=0.7)
+    try:
+        differ = [k for k, v in pipe.model.named_parameters() if not torch.equal(v, first[k])]
+    finally:
+        pipe.unload_lora()
+    assert not differ, f"loading in the other order gives other weights: {differ[:5]}"
+
+
+def test_fp16_file_loaded_as_fp16_is_not_written_and_restores_exactly(files, kohya, tmp_path):
+    """In float16 from a float16 file the weights are memory-mapped views of the file; patching them must not
+    write into it."""
+    path = tmp_path / "half.safetensors"
+    write_single_file(path, {k: v.half() for k, v in files[3].items()})
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    half = Pipeline.from_checkpoint(path, dtype=torch.float16, config=TINY)
+    before = weights(half)
+    half.load_lora(kohya[0])
+    changed = sum(not torch.equal(v, before[k]) for k, v in half.model.named_parameters())
+    assert changed > 50, f"the LoRA changed only {changed} weights"
+    half.set_lora_scale("kohya", -2.0)
+    half.unload_lora()
+    assert_weights_equal(half, before, "float16 after unloading")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, "applying a LoRA wrote into the checkpoint file"
+
+
+def test_a_model_built_in_memory_keeps_copies_and_restores_exactly(files, kohya):
+    from tritonsd import loader
+
+    model, tokenizer = loader.load(files[1], config=TINY)
+    built = Pipeline(model, tokenizer)
+    before = weights(built)
+    built.load_lora(kohya[0], scale=2.0)
+    built.unload_lora()
+    assert_weights_equal(built, before, "in-memory model after unloading")
+
+
+def test_a_checkpoint_changed_on_disk_is_not_used_as_the_base(files, kohya, tmp_path):
+    import os
+
+    path = tmp_path / "copy.safetensors"
+    path.write_bytes(files[1].read_bytes())
+    copy = Pipeline.from_checkpoint(path, config=TINY)
+    copy.load_lora(kohya[0])
+    os.utime(path, ns=(0, 0))
+    with pytest.raises(CheckpointError, match="changed on disk since it was loaded"):
+        copy.unload_lora()
+
+
+# --- prompt tags ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt, text, tags", [
+    ("a cat <lora:style:0.8>, sharp", "a cat , sharp", [("style", 0.8)]),
+    ("<lora:a b-c.v2>x<lyco:d:-1.5>", "x", [("a b-c.v2", 1.0), ("d", -1.5)]),
+    ("no tags (word:1.2)", "no tags (word:1.2)", []),
+])
+def test_lora_tags_are_taken_out_of_the_prompt(prompt, text, tags):
+    assert extract_lora_tags(prompt) == (text, tags)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("<lora:x:0.5:1>", "separate text-encoder and UNet weights"),
+    ("<lora:x:te=1>", "separate text-encoder and UNet weights"),
+    ("<lora:x:strong>", "is not a number"),
+    ("<lora:x:nan>", "must be finite"),
+    ("<hypernet:x:1>", "only <lora:NAME:WEIGHT>"),
+])
+def test_bad_lora_tags_are_refused(prompt, message):
+    with pytest.raises(ValueError, match=message):
+        extract_lora_tags(prompt)
+
+
+def test_prompt_tag_applies_the_lora_for_that_call_only(files, kohya, tmp_path):
+    folder = tmp_path / "loras" / "sub"
+    folder.mkdir(parents=True)
+    (folder / "style.safetensors").write_bytes(kohya[0].read_bytes())
+    tagged = Pipeline.from_checkpoint(files[1], config=TINY, lora_dirs=[tmp_path / "loras"])
+    before = weights(tagged)
+    got = tagged.txt2img(PROMPT + " <lora:style:0.8>", **GEN)
+    assert_weights_equal(tagged, before, "after a call with a tag")
+    tagged.load_lora(folder / "style.safetensors", scale=0.8)
+    want = tagged.txt2img(PROMPT, **GEN)
+    assert np.array_equal(got, want), "a <lora:style:0.8> tag differs from load_lora(scale=0.8)"
+    # A tag naming a loaded LoRA sets its scale for the call.
+    at_zero = tagged.txt2img(PROMPT + "<lora:style:0>", **GEN)
+    assert tagged.loras == {"style": 0.8}, f"the tag's scale outlived the call: {tagged.loras}"
+    tagged.unload_lora()
+    assert np.array_equal(at_zero, tagged.txt2img(PROMPT, **GEN)), "<lora:style:0> on the loaded LoRA is not the base image"
+    data = (folder / "style.safetensors").read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    assert tagged.lora_hashes(PROMPT + "<lora:style>") == {"style": hashlib.sha256(data[header:]).hexdigest()[:12]}
+    with pytest.raises(ValueError, match="no LoRA named 'absent'"):
+        tagged.txt2img(PROMPT + "<lora:absent:1>", **GEN)
+    with pytest.raises(ValueError, match="name different LoRAs"):
+        tagged.txt2img([PROMPT + "<lora:style:1>", PROMPT], **GEN)
+    assert_weights_equal(tagged, before, "after refused calls")
+
+
+# --- bad files -----------------------------------------------------------------------------------------------------
+
+def _edit(change):
+    def make(path, kohya):
+        tensors = safetensors.torch.load_file(kohya[0])
+        change(tensors)
+        safetensors.torch.save_file(tensors, path)
+    return make
+
+
+def _first(tensors, suffix):
+    return next(k for k in sorted(tensors) if k.endswith(suffix) and "attn1_to_k" in k)
+
+
+def _bytes(data):
+    def make(path, kohya):
+        path.write_bytes(data(kohya[0].read_bytes()))
+    return make
+
+
+BAD = [
+    ("empty file", _bytes(lambda _: b""), "not a checkpoint: it is an empty file"),
+    ("no LoRA keys", _edit(lambda t: (t.clear(), t.update({"model.diffusion_model.out.2.weight": torch.zeros(4)}))),
+     "not a LoRA: none of its 1 tensors"),
+    ("truncated", _bytes(lambda d: d[: len(d) // 2]), "truncated or corrupt"),
+    ("another size", _edit(lambda t: t.update({_first(t, "lora_up.weight"): torch.zeros(48, RANK)})),
+     r"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k does not fit the model: it makes a 48-row "
+     r"update of 1536 elements for unet.input_blocks.1.1.transformer_blocks.0.attn1.qkv rows 32:64, whose weight is \[32, 32\]"),
+    ("another architecture", _edit(lambda t: t.update({"lora_unet_joint_blocks_0_x_attn_qkv.lora_down.weight": torch.zeros(2, 8),
+                                                       "lora_unet_joint_blocks_0_x_attn_qkv.lora_up.weight": torch.zeros(8, 2)})),
+     "1 of its layers name no layer of this model: lora_unet_joint_blocks_0_x_attn_qkv"),
+    ("SDXL", _edit(lambda t: t.update({"lora_te2_text_model_x.lora_down.weight": torch.zeros(2, 8)})), "is an SDXL LoRA"),
+    ("NaN", _edit(lambda t: t[_first(t, "lora_down.weight")].view(-1).__setitem__(3, float("nan"))),
+     "lora_down.weight holds NaN or infinite values"),
+    ("DoRA", _edit(lambda t: t.update({_first(t, "lora_down.weight").replace("lora_down.weight", "dora_scale"): torch.ones(32, 1)})),
+     r"holds DoRA \(weight-decomposed LoRA\)"),
+    ("missing half", _edit(lambda t: t.pop(_first(t, "lora_up.weight"))), "attn1_to_k lacks lora_up.weight"),
+]
+
+
+@pytest.mark.parametrize("make, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_lora_files_are_refused_and_change_nothing(pipe, kohya, peft_file, tmp_path, make, message):
+    pipe.load_lora(peft_file, scale=0.5, name="loaded")
+    try:
+        before = weights(pipe)
+        path = tmp_path / "bad.safetensors"
+        make(path, kohya)
+        with pytest.raises(CheckpointError, match=message) as e:
+            pipe.load_lora(path)
+        assert str(path) in str(e.value), f"the error does not name the file: {e.value}"
+        assert_weights_equal(pipe, before, "after a refused LoRA")
+        assert pipe.loras == {"loaded": 0.5}
+    finally:
+        pipe.unload_lora()
+
+
+def test_bad_calls_are_refused(pipe, kohya, tmp_path):
+    with pytest.raises(ValueError, match="no LoRA named 'nope' is loaded"):
+        pipe.set_lora_scale("nope", 1.0)
+    with pytest.raises(ValueError, match="no LoRA named 'nope' is loaded"):
+        pipe.unload_lora("nope")
+    with pytest.raises(CheckpointError, match="no such LoRA file"):
+        pipe.load_lora(tmp_path / "absent.safetensors")
+    pipe.load_lora(kohya[0])
+    try:
+        with pytest.raises(ValueError, match="already loaded"):
+            pipe.load_lora(kohya[0])
+        with pytest.raises(ValueError, match="finite number"):
+            pipe.set_lora_scale("kohya", float("inf"))
+    finally:
+        pipe.unload_lora()

@@ -88,7 +88,7 @@ class Layer:
                 w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
             if w2.ndim == 4:
                 w1 = w1[:, :, None, None]
-            update = torch.kron(w1, w2)
+            update = torch.kron(w1.contiguous(), w2.contiguous())
         return update.reshape(self.target.shape) * self.scale
 
 
@@ -257,16 +257,22 @@ def _split(key: str) -> tuple[str, str]:
 
 # --- the file -------------------------------------------------------------------------------------------------------
 
-def short_hash(path: Path, metadata: dict) -> str:
-    """AUTOMATIC1111's short hash of a LoRA file (its `Lora hashes` field): the first 12 hex digits of kohya-ss'
-    sshs_model_hash if the file records one, else of the sha256 of a safetensors file's bytes after its header
-    (the "addnet" hash; other files: of all their bytes)."""
-    if metadata.get("sshs_model_hash"):
-        return str(metadata["sshs_model_hash"])[:12]
+def short_hash(path: Path) -> str:
+    """AUTOMATIC1111's short hash of a LoRA file (its `Lora hashes` field): the first 12 hex digits of the
+    sha256 of a .safetensors file's bytes after its header (kohya-ss' "addnet" hash, which the file may already
+    record as sshs_model_hash), or of all the bytes of any other file."""
+    path = Path(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         if path.suffix.lower() == ".safetensors":
-            f.seek(8 + int.from_bytes(f.read(8), "little"))
+            n = int.from_bytes(f.read(8), "little")
+            try:
+                recorded = json.loads(f.read(min(n, 100_000_000))).get("__metadata__", {}).get("sshs_model_hash")
+            except (ValueError, AttributeError):
+                recorded = None
+            if isinstance(recorded, str) and recorded:
+                return recorded[:12]
+            f.seek(8 + n)
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()[:12]
@@ -318,7 +324,7 @@ def read_lora(path, model: nn.Module, targets: dict[str, Target] | None = None) 
     device = next(model.parameters()).device
     for layer in layers:
         layer.factors = {k: t.to(device) for k, t in layer.factors.items()}
-    return LoraFile(path, fmt, layers, short_hash(path, metadata))
+    return LoraFile(path, fmt, layers, short_hash(path))
 
 
 def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Target]) -> tuple[list[Layer], str]:
