@@ -17,11 +17,12 @@ from torch import nn
 from tritonsd.engine.config import ModelConfig
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.engine.tokenizer import CLIPTokenizer
+from tritonsd.loader.compvis import read_compvis_config
 from tritonsd.loader.convert import from_diffusers, from_original
 from tritonsd.loader.formats import CheckpointError, read_diffusers, read_file
 from tritonsd.loader.infer import architecture, config_from_diffusers, infer_config
 
-__all__ = ["CheckpointError", "default_model", "load_state_dict", "infer_config", "load", "save", "describe"]
+__all__ = ["CheckpointError", "default_model", "load_state_dict", "infer_config", "read_config", "load", "save", "describe"]
 
 FORMAT_TAG = "tritonsd"
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "engine" / "data" / "demo" / "demo.safetensors"
@@ -65,17 +66,26 @@ def load_state_dict(path, *, dtype: torch.dtype | None = None, device="cpu") -> 
     return fmt, state, metadata
 
 
+def read_config(path, base: ModelConfig | None = None) -> ModelConfig:
+    """A model config file: tritonsd's JSON (ModelConfig's fields) or an original CompVis YAML (v1-inference.yaml),
+    whose unstated sizes come from base (SD 1.x's by default)."""
+    path = Path(path)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return read_compvis_config(path, base)
+    return ModelConfig.from_json(path)
+
+
 def _config(path: Path, fmt: str, state: dict, metadata: dict) -> ModelConfig:
-    """The config a checkpoint says it has: its own metadata, diffusers' config.json files, a NAME.json beside a
-    single file, or else what its shapes imply."""
-    side = path.with_suffix(".json")
+    """The config a checkpoint says it has: its own metadata, diffusers' config.json files, a NAME.json or
+    NAME.yaml beside a single file, or else what its shapes imply."""
+    side = next((p for p in (path.with_suffix(".json"), path.with_suffix(".yaml")) if p.is_file()), path.with_suffix(".json"))
     try:
         if fmt == FORMAT_TAG:
             return ModelConfig.from_dict(json.loads(metadata.get("config", "null")))
         if fmt == "diffusers":
             return config_from_diffusers(metadata)
         if side.is_file():
-            return ModelConfig.from_json(side)
+            return read_config(side, base=infer_config(state) if side.suffix == ".yaml" else None)
         return infer_config(state)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None

@@ -1,0 +1,310 @@
+"""The original CompVis model config (v1-inference.yaml and its kin), which AUTOMATIC1111 reads from NAME.yaml beside
+NAME.ckpt: a small, strict reader for the YAML these files use, and its mapping onto ModelConfig.
+
+The reader takes block mappings and sequences (a sequence's items may be mappings), flow sequences, plain, single-
+and double-quoted scalars resolved as PyYAML's safe_load resolves them (YAML 1.1: `True`, `yes`, `1.0e-04`, `~`),
+and comments. Anything else (anchors, tags, flow mappings, multi-line strings, several documents, tabs) is refused
+with its line number, rather than read differently from PyYAML.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from tritonsd.engine.config import ModelConfig
+
+_BOOL = {v: b for b, vs in ((True, "true True TRUE yes Yes YES on On ON"), (False, "false False FALSE no No NO off Off OFF"))
+         for v in vs.split()}
+_NULL = {"~", "null", "Null", "NULL", ""}
+_INT = re.compile(r"[-+]?(0|[1-9][0-9_]*)")
+_FLOAT = re.compile(r"[-+]?[0-9][0-9_]*\.[0-9_]*([eE][-+][0-9]+)?|\.[0-9_]+([eE][-+][0-9]+)?")
+_INF = re.compile(r"([-+]?)\.(inf|Inf|INF)")
+_NAN = re.compile(r"\.(nan|NaN|NAN)")
+# Plain scalars PyYAML would read as something this reader does not implement (octal, hex, sexagesimal, dates).
+_EXOTIC = re.compile(r"[-+]?0[0-7_]+|[-+]?0[xXbBoO][0-9a-fA-F_]+|[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?"
+                     r"|[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}.*|[-+]?\.(inf|Inf|INF|nan|NaN|NAN)|=|<<")
+
+
+class YAMLError(ValueError):
+    pass
+
+
+def _strip_comment(line: str) -> str:
+    quote = None
+    for i, c in enumerate(line):
+        if quote:
+            if c == quote and not (quote == '"' and line[i - 1] == "\\"):
+                quote = None
+        elif c in "'\"" and (i == 0 or line[i - 1] in " [,:-"):
+            quote = c
+        elif c == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def _scalar(text: str, lineno: int):
+    text = text.strip()
+    if text.startswith('"'):
+        if not text.endswith('"') or len(text) < 2:
+            raise YAMLError(f"line {lineno}: unterminated double-quoted string")
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise YAMLError(f"line {lineno}: unsupported escape in {text}") from None
+    if text.startswith("'"):
+        if not text.endswith("'") or len(text) < 2:
+            raise YAMLError(f"line {lineno}: unterminated single-quoted string")
+        return text[1:-1].replace("''", "'")
+    if text[:1] in ("&", "*", "!", "|", ">", "{", "%", "@", "`") or text.startswith("---"):
+        raise YAMLError(f"line {lineno}: {text[:20]!r}: anchors, tags, block strings and flow mappings are not supported")
+    if text in _NULL:
+        return None
+    if text in _BOOL:
+        return _BOOL[text]
+    if m := _INF.fullmatch(text):
+        return -math.inf if m.group(1) == "-" else math.inf
+    if _NAN.fullmatch(text):
+        return math.nan
+    if _INT.fullmatch(text):
+        return int(text.replace("_", ""))
+    if _FLOAT.fullmatch(text):
+        return float(text.replace("_", ""))
+    if _EXOTIC.fullmatch(text):
+        raise YAMLError(f"line {lineno}: {text!r}: this number or date form is not supported")
+    if ": " in text or text.endswith(":"):
+        raise YAMLError(f"line {lineno}: {text!r}: a colon in a plain value (quote it)")
+    return text
+
+
+def _flow(text: str, lineno: int):
+    """A flow sequence: [a, "b", [c]]."""
+    items, stack, token, quote = None, [], "", None
+
+    def flush():
+        nonlocal token
+        if token.strip():
+            stack[-1].append(_scalar(token, lineno))
+        token = ""
+
+    for c in text:
+        if quote:
+            token += c
+            if c == quote:
+                quote = None
+        elif c in "'\"":
+            quote, token = c, token + c
+        elif c == "[":
+            if token.strip():
+                raise YAMLError(f"line {lineno}: unexpected [ in {text}")
+            stack.append([])
+        elif c in ",]":
+            if not stack:
+                raise YAMLError(f"line {lineno}: unbalanced ] in {text}")
+            flush()
+            if c == "]":
+                done = stack.pop()
+                if stack:
+                    stack[-1].append(done)
+                else:
+                    items = done
+        elif c in "{}":
+            raise YAMLError(f"line {lineno}: flow mappings are not supported: {text}")
+        elif items is not None and not c.isspace():
+            raise YAMLError(f"line {lineno}: text after the closing ] in {text}")
+        else:
+            token += c
+    if stack or items is None or quote:
+        raise YAMLError(f"line {lineno}: unterminated flow sequence {text}")
+    return items
+
+
+def _value(text: str, lineno: int):
+    return _flow(text, lineno) if text.startswith("[") else _scalar(text, lineno)
+
+
+def _key_value(content: str, lineno: int) -> tuple[str, str] | None:
+    """Split `key: value` (or `key:`); None if the line is not a mapping entry."""
+    m = re.match(r"""("(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|[^'"\[\]{},#&*!|>%@`][^:#]*?)\s*:(?:\s+(.*))?$""", content)
+    if not m:
+        return None
+    key = _scalar(m.group(1), lineno)
+    if not isinstance(key, str):
+        raise YAMLError(f"line {lineno}: only string keys are supported, got {m.group(1)!r}")
+    return key, (m.group(2) or "")
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.lines = []
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            indent = len(raw) - len(raw.lstrip(" "))
+            if raw[indent:indent + 1] == "\t":
+                raise YAMLError(f"line {lineno}: tabs are not allowed for indentation")
+            content = _strip_comment(raw[indent:])
+            if content in ("---", "...") and not self.lines:
+                continue
+            if content in ("---", "..."):
+                raise YAMLError(f"line {lineno}: several documents in one file are not supported")
+            if content:
+                self.lines.append((lineno, indent, content))
+        self.i = 0
+
+    def parse(self):
+        if not self.lines:
+            return None
+        value = self.block(self.lines[0][1])
+        if self.i != len(self.lines):
+            lineno, _, content = self.lines[self.i]
+            raise YAMLError(f"line {lineno}: unexpected indentation at {content!r}")
+        return value
+
+    def block(self, indent: int):
+        lineno, _, content = self.lines[self.i]
+        if content == "-" or content.startswith("- "):
+            return self.sequence(indent)
+        if _key_value(content, lineno) is None:
+            if self.i + 1 < len(self.lines) and self.lines[self.i + 1][1] > indent:
+                raise YAMLError(f"line {lineno}: {content!r} is neither `key: value` nor `- item`")
+            self.i += 1
+            return _value(content, lineno)
+        return self.mapping(indent)
+
+    def nested(self, indent: int, lineno: int, sequence_at_same_indent: bool):
+        """The block under a `key:` or `-` with nothing after it."""
+        if self.i < len(self.lines):
+            _, next_indent, content = self.lines[self.i]
+            if next_indent > indent:
+                return self.block(next_indent)
+            if sequence_at_same_indent and next_indent == indent and (content == "-" or content.startswith("- ")):
+                return self.sequence(indent)
+        return None
+
+    def mapping(self, indent: int) -> dict:
+        out = {}
+        while self.i < len(self.lines):
+            lineno, line_indent, content = self.lines[self.i]
+            if line_indent < indent:
+                break
+            if line_indent > indent:
+                raise YAMLError(f"line {lineno}: unexpected indentation at {content!r}")
+            if content == "-" or content.startswith("- "):
+                break
+            entry = _key_value(content, lineno)
+            if entry is None:
+                raise YAMLError(f"line {lineno}: expected `key: value`, got {content!r}")
+            key, rest = entry
+            if key in out:
+                raise YAMLError(f"line {lineno}: key {key!r} appears twice")
+            self.i += 1
+            out[key] = _value(rest, lineno) if rest else self.nested(indent, lineno, True)
+        return out
+
+    def sequence(self, indent: int) -> list:
+        out = []
+        while self.i < len(self.lines):
+            lineno, line_indent, content = self.lines[self.i]
+            if line_indent != indent or not (content == "-" or content.startswith("- ")):
+                if line_indent > indent:
+                    raise YAMLError(f"line {lineno}: unexpected indentation at {content!r}")
+                break
+            item = content[1:].lstrip()
+            if not item:
+                self.i += 1
+                out.append(self.nested(indent, lineno, False))
+            elif item.startswith("- ") or _key_value(item, lineno) is not None:
+                # The item's own block starts on this line, at the column of its text.
+                self.lines[self.i] = (lineno, indent + len(content) - len(item), item)
+                out.append(self.block(indent + len(content) - len(item)))
+            else:
+                self.i += 1
+                out.append(_value(item, lineno))
+        return out
+
+
+def parse_yaml(text: str):
+    """The YAML document in text, as PyYAML's safe_load reads it, for the subset described above."""
+    return _Parser(text).parse()
+
+
+# --- CompVis config -> ModelConfig ---------------------------------------------------------------------------------
+
+UNET_FIELDS = ("in_channels", "out_channels", "model_channels", "attention_resolutions", "num_res_blocks",
+               "channel_mult", "num_heads", "transformer_depth", "context_dim")
+VAE_FIELDS = ("in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks", "z_channels")
+# Parameters that do not change the graph: training and memory switches, and values the engine's graph has.
+UNET_NEUTRAL = {"image_size": None, "use_checkpoint": None, "use_fp16": None, "legacy": None, "dropout": None,
+                "use_spatial_transformer": True, "num_head_channels": -1, "use_linear_in_transformer": False,
+                "dims": 2, "conv_resample": True, "use_scale_shift_norm": False, "resblock_updown": False,
+                "num_heads_upsample": -1, "use_new_attention_order": False, "num_classes": None, "n_embed": None}
+DDCONFIG_NEUTRAL = {"double_z": True, "resolution": None, "dropout": None, "attn_resolutions": [],
+                    "attn_type": "vanilla"}
+TEXT_ENCODERS = {"ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+
+
+def _params(d, *path: str) -> dict:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            raise ValueError(f"CompVis config has no {'.'.join(path)}")
+        d = d[key]
+    if not isinstance(d, dict):
+        raise ValueError(f"CompVis config's {'.'.join(path)} is not a mapping")
+    return d
+
+
+def _take(params: dict, fields, neutral: dict, where: str) -> dict:
+    out = {}
+    for key, value in params.items():
+        if key in fields:
+            out[key] = value
+        elif key not in neutral:
+            raise ValueError(f"CompVis config: {where}.{key} is not supported by tritonsd's SD 1.x graph")
+        elif neutral[key] is not None and value != neutral[key]:
+            raise ValueError(f"CompVis config: {where}.{key}: {value!r} is not supported (only {neutral[key]!r}); "
+                             "tritonsd runs SD 1.x models")
+    return out
+
+
+def config_from_compvis(d, base: ModelConfig | None = None) -> ModelConfig:
+    """ModelConfig from a parsed CompVis config (model.params.unet_config.params, first_stage_config.params.ddconfig,
+    cond_stage_config, scale_factor, image_size). What it does not say (GroupNorm groups; the text encoder, which
+    it names only as CLIP ViT-L/14) comes from base: SD 1.x's values, or those a checkpoint's shapes imply."""
+    model = _params(d, "model", "params")
+    if "network_config" in model or "conditioner_config" in model:
+        raise ValueError("CompVis config describes an SDXL model (network_config, conditioner_config); "
+                         "tritonsd runs SD 1.x models")
+    if model.get("parameterization", "eps") != "eps":
+        raise ValueError(f"CompVis config: parameterization {model['parameterization']!r} (v-prediction) is not "
+                         "supported; tritonsd runs SD 1.x models, which predict noise (eps)")
+    unet = _take(_params(d, "model", "params", "unet_config", "params"), UNET_FIELDS, UNET_NEUTRAL, "unet_config.params")
+    if "image_size" in model:
+        unet["sample_size"] = model["image_size"]
+    first = _params(d, "model", "params", "first_stage_config", "params")
+    vae = _take(_params(first, "ddconfig"), VAE_FIELDS, DDCONFIG_NEUTRAL, "first_stage_config.params.ddconfig")
+    if "embed_dim" in first:
+        vae["embed_dim"] = first["embed_dim"]
+    if "scale_factor" in model:
+        vae["scaling_factor"] = model["scale_factor"]
+    text = model.get("cond_stage_config", {})
+    target = text.get("target") if isinstance(text, dict) else None
+    if target is not None and target not in TEXT_ENCODERS:
+        raise ValueError(f"CompVis config: text encoder {target} is not supported (only CLIP ViT-L/14's "
+                         "FrozenCLIPEmbedder); tritonsd runs SD 1.x models")
+    parts = (base or ModelConfig()).to_dict()
+    parts["unet"].update(unet)
+    parts["vae"].update(vae)
+    return ModelConfig.from_dict(parts)
+
+
+def read_compvis_config(path, base: ModelConfig | None = None) -> ModelConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read model config {path}: {e}") from None
+    try:
+        return config_from_compvis(parse_yaml(text), base)
+    except ValueError as e:
+        raise ValueError(f"model config {path}: {e}") from None
