@@ -57,6 +57,27 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None, device) -> tuple[di
         return {k: _cast(f.get_tensor(k), dtype, device) for k in f.keys()}, f.metadata() or {}
 
 
+class _Inert:
+    """Stands in for the objects a CompVis training checkpoint pickles beside its weights (PyTorch Lightning's
+    ModelCheckpoint class as a dict key, numpy scalars and dtypes in its state): built from any arguments, it
+    keeps none of them, runs nothing and imports nothing. Only tensors are kept from such a file."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# Names the weights-only unpickler may resolve to _Inert; anything else that is not a tensor is still refused.
+TRAINING_GLOBALS = [(_Inert, name) for name in (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+    "numpy.dtype", "numpy.ndarray",
+)]
+
+
 def read_file(path: Path, dtype: torch.dtype | None = None, device="cpu") -> tuple[dict, dict]:
     """One file's tensors under their stored names, and its metadata (safetensors header; {} for pickles)."""
     kind = _kind(path)
@@ -69,7 +90,8 @@ def read_file(path: Path, dtype: torch.dtype | None = None, device="cpu") -> tup
         raise CheckpointError(f"{path}: not a checkpoint: it is {kind}, neither safetensors nor a PyTorch pickle")
     try:
         # mmap leaves tensors in the file until they are used; only the zip format supports it.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+        with torch.serialization.safe_globals(TRAINING_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
             raise CheckpointError(f"{path}: cannot read the pickle, it is truncated or corrupt ({e})") from None
