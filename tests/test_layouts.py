@@ -343,3 +343,143 @@ def test_yaml_beside_the_checkpoint_and_config_option(tmp_path):
     assert (u.model_channels, u.channel_mult, u.attention_resolutions, u.num_heads, u.context_dim) == (32, (1, 2), (2, 1), 2, 32)
     assert model.config.vae.scaling_factor == 0.25 and model.config.vae.ch_mult == (1, 2)
     assert loader.read_config(tmp_path / "model.yaml", base=model.config) == model.config
+
+
+# --- CompVis training checkpoints ----------------------------------------------------------------------------------
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def write_training_checkpoint(path, ckpt: dict, monkeypatch, payload=None) -> None:
+    """torch.save of what PyTorch Lightning 1.x wrote for CompVis: the ModelCheckpoint class as a key of
+    `callbacks`, and numpy scalars pickled as numpy 1.x pickled them (numpy.core.multiarray.scalar of a numpy.dtype
+    and the value's bytes, which protocol 2 writes through _codecs.encode). Stand-in modules play both libraries,
+    and are gone before the file is read."""
+    with monkeypatch.context() as m:
+        module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+        class ModelCheckpoint:
+            pass
+
+        ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module.__name__, "ModelCheckpoint"
+        module.ModelCheckpoint = ModelCheckpoint
+        for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+            m.setitem(sys.modules, name, module if name == module.__name__ else types.ModuleType(name))
+
+        multiarray = types.ModuleType("numpy.core.multiarray")
+
+        def scalar(dtype, data):
+            return np.frombuffer(data, dtype)[0]
+
+        scalar.__module__, scalar.__qualname__ = multiarray.__name__, "scalar"
+        multiarray.scalar = scalar
+        m.setitem(sys.modules, multiarray.__name__, multiarray)
+
+        class Numpy1Scalar:
+            def __init__(self, value):
+                self.value = np.float64(value)
+
+            def __reduce__(self):
+                return scalar, (self.value.dtype, self.value.tobytes())
+
+        obj = {
+            "epoch": 5, "global_step": 470000, "pytorch-lightning_version": "1.4.2", "state_dict": ckpt,
+            "callbacks": {ModelCheckpoint: {"monitor": None, "best_model_score": Numpy1Scalar(0.125),
+                                            "best_model_path": "/logs/last.ckpt", "dirpath": "/logs"}},
+            "optimizer_states": [], "lr_schedulers": [], "loss": Numpy1Scalar(0.5),
+        }
+        if payload is not None:
+            obj["hparams"] = payload
+        torch.save(obj, path, pickle_protocol=2)
+    data = path.read_bytes()
+    assert b"numpy.core.multiarray" in data and b"_codecs" in data and b"pytorch_lightning.callbacks" in data
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt():
+    return original_checkpoint(random_state(TINY, seed=0))
+
+
+def test_compvis_training_checkpoint_loads_like_its_safetensors(tmp_path, tiny_ckpt, monkeypatch):
+    path = tmp_path / "sd-v1-4.ckpt"
+    write_training_checkpoint(path, tiny_ckpt, monkeypatch)
+    safetensors.torch.save_file(tiny_ckpt, tmp_path / "same.safetensors")
+    assert "pytorch_lightning" not in sys.modules
+    _, got, _ = loader.load_state_dict(path)
+    _, want, _ = loader.load_state_dict(tmp_path / "same.safetensors")
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert got.keys() == want.keys() and not differ, f"training checkpoint differs from its safetensors: {differ[:5]}"
+    assert "pytorch_lightning" not in sys.modules, "reading the checkpoint imported pytorch_lightning"
+
+
+def test_training_checkpoint_with_a_reduce_payload_is_refused_and_never_run(tmp_path, tiny_ckpt, monkeypatch):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    write_training_checkpoint(path, tiny_ckpt, monkeypatch, payload=RunsCode(marker))
+    with pytest.raises(CheckpointError, match="pickled code or objects that are not plain tensors"):
+        loader.load(path)
+    assert not marker.exists(), "loading the checkpoint ran pickled code"
+    path.write_bytes(pickle.dumps({"state_dict": tiny_ckpt, "x": RunsCode(marker)}, protocol=2))
+    with pytest.raises(CheckpointError):
+        loader.load(path)
+    assert not marker.exists(), "loading the pickle ran its code"
+
+
+# --- separate VAE --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vae_files(tmp_path_factory, tiny_ckpt):
+    """Model A, a VAE from model B in the layouts people have, and A with B's VAE merged in."""
+    root = tmp_path_factory.mktemp("vae")
+    other = original_checkpoint(random_state(TINY, seed=7))
+    vae_b = {k.removeprefix("first_stage_model."): v for k, v in other.items() if k.startswith("first_stage_model.")}
+    safetensors.torch.save_file(tiny_ckpt, root / "a.safetensors")
+    safetensors.torch.save_file(vae_b, root / "vae.safetensors")
+    torch.save({"state_dict": {**{"first_stage_model." + k: v for k, v in vae_b.items()},
+                               "first_stage_model.loss.logvar": torch.zeros(())}}, root / "vae.ckpt")
+    write_diffusers_folder(root / "b-diffusers", other, TINY, tokenizer=False)
+    merged = {k: v for k, v in tiny_ckpt.items() if not k.startswith("first_stage_model.")}
+    merged |= {k: v for k, v in other.items() if k.startswith("first_stage_model.")}
+    safetensors.torch.save_file(merged, root / "merged.safetensors")
+    for name in ("a", "merged"):
+        (root / f"{name}.json").write_text(TINY.to_json())
+    return root
+
+
+def vae_weights(pipe) -> dict:
+    return {k: v.clone() for k, v in pipe.vae.state_dict().items()}
+
+
+@pytest.mark.parametrize("vae", ["vae.safetensors", "vae.ckpt", "b-diffusers/vae", "b-diffusers"],
+                         ids=["single-safetensors", "ckpt-with-prefix", "diffusers-vae-folder", "diffusers-model-folder"])
+def test_separate_vae_equals_the_merged_checkpoint(vae_files, vae):
+    merged = Pipeline.from_checkpoint(vae_files / "merged.safetensors")
+    pipe = Pipeline.from_checkpoint(vae_files / "a.safetensors", vae=vae_files / vae)
+    want, got = vae_weights(merged), vae_weights(pipe)
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"VAE from {vae} differs from the merged checkpoint's in {differ[:5]}"
+    if vae == "vae.safetensors":
+        assert np.array_equal(pipe.txt2img("a cube", **GEN), merged.txt2img("a cube", **GEN)), "images differ"
+
+
+def test_load_vae_refuses_what_does_not_fit_and_changes_nothing(vae_files, tmp_path):
+    pipe = Pipeline.from_checkpoint(vae_files / "a.safetensors")
+    before = vae_weights(pipe)
+    small = {k: v[..., :1].contiguous() if k == "encoder.conv_in.weight" else v
+             for k, v in safetensors.torch.load_file(vae_files / "vae.safetensors").items()}
+    safetensors.torch.save_file(small, tmp_path / "small.safetensors")
+    with pytest.raises(CheckpointError, match=r"does not fit this model's VAE; 1 wrongly shaped tensor\(s\): "
+                                              r"vae.encoder.conv_in.weight \(file \[32, 3, 3, 1\], model \[32, 3, 3, 3\]\)"):
+        pipe.load_vae(tmp_path / "small.safetensors")
+    safetensors.torch.save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, tmp_path / "lora.safetensors")
+    with pytest.raises(CheckpointError, match="not a VAE"):
+        pipe.load_vae(tmp_path / "lora.safetensors")
+    with pytest.raises(CheckpointError, match="no such file"):
+        pipe.load_vae(tmp_path / "absent.safetensors")
+    after = vae_weights(pipe)
+    assert all(torch.equal(after[k], before[k]) for k in before), "a refused VAE changed the weights"
