@@ -1,7 +1,6 @@
 """The checkpoints people actually have beside the plain single file: a separate VAE, the original CompVis
 training checkpoints (PyTorch Lightning and numpy objects pickled beside the weights) and their YAML configs."""
 
-import math
 import os
 import pickle
 import sys
@@ -14,7 +13,7 @@ import torch
 
 from tritonsd import CheckpointError, ModelConfig, Pipeline, loader
 from tritonsd.loader.compvis import config_from_compvis, parse_yaml
-from tiny import TINY, original_checkpoint, original_config, random_state, write_diffusers_folder, write_single_file
+from tiny import TINY, original_checkpoint, random_state, write_diffusers_folder, write_single_file
 
 yaml = pytest.importorskip("yaml")
 

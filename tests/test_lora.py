@@ -4,7 +4,6 @@ in by the definitions, written out here in float64; switching is exact; bad file
 as they were."""
 
 import hashlib
-import json
 
 import numpy as np
 import pytest
@@ -527,3 +526,93 @@ def test_bad_calls_are_refused(pipe, kohya, tmp_path):
             pipe.set_lora_scale("kohya", float("inf"))
     finally:
         pipe.unload_lora()
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+def cli(capsys, *argv, status=0):
+    from tritonsd.cli import main
+
+    if status:
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in argv])
+        assert e.value.code == status, f"exit status {e.value.code}, expected {status}"
+    else:
+        main([str(a) for a in argv])
+    return capsys.readouterr()
+
+
+def test_cli_applies_loras_and_records_their_hashes(capsys, files, kohya, peft_file, tmp_path):
+    from PIL import Image
+    from tritonsd.pngmeta import parse_parameters
+
+    root, single, _, _ = files
+    (root / "tiny.json").write_text(TINY.to_json())
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "style.safetensors").write_bytes(kohya[0].read_bytes())
+    prompt = PROMPT + " <lora:style:0.8>"
+    out = tmp_path / "a.png"
+    cli(capsys, "txt2img", prompt, "--model", single, "--lora", f"{peft_file}:-0.5", "--lora-dir", tmp_path / "loras",
+        "--steps", 3, "--seed", 5, "--width", 32, "--height", 32, "--device", "cpu", "-o", out, "--quiet")
+    with Image.open(out) as im:
+        parameters, got = parse_parameters(im.text["parameters"]), np.asarray(im.convert("RGB"))
+    assert parameters["prompt"] == prompt, "the PNG should record the prompt as written, tags included"
+    hashes = dict(item.split(": ") for item in parameters["Lora hashes"].split(", "))
+    assert hashes.keys() == {"peft", "style"}, parameters["Lora hashes"]
+    data = peft_file.read_bytes()
+    assert hashes["peft"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+
+    api = Pipeline.from_checkpoint(single, lora_dirs=[tmp_path / "loras"])
+    api.load_lora(peft_file, scale=-0.5)
+    want = api.txt2img(prompt, steps=3, seed=5, width=32, height=32)[0]
+    assert np.array_equal(got, np.asarray(want)), "the command line's image differs from the API's"
+
+
+def sd15_lora(path, sdxl=False):
+    """A kohya LoRA for two SD 1.5 layers (or SDXL's second text encoder)."""
+    text = "lora_te2_text_model_encoder_layers_0_mlp_fc1" if sdxl else "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    tensors = {}
+    for name, (out, inp) in {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
+                             text: (3072, 768)}.items():
+        tensors |= {f"{name}.lora_down.weight": torch.zeros(4, inp), f"{name}.lora_up.weight": torch.zeros(out, 4),
+                    f"{name}.alpha": torch.tensor(4.0)}
+    safetensors.torch.save_file(tensors, path)
+
+
+def test_info_says_what_a_lora_or_vae_is_and_how_to_use_it(capsys, files, tmp_path):
+    sd15_lora(tmp_path / "detail.safetensors")
+    out = cli(capsys, "info", tmp_path / "detail.safetensors").out
+    rows = dict(line.split(None, 1) for line in out.splitlines()[1:])
+    assert rows["architecture"].startswith("a LoRA"), out
+    assert rows["lora"] == "kohya; layers: unet 1, text_encoder 1; rank 4", out
+    assert "--lora PATH[:SCALE]" in rows["use"], out
+
+    vae = {k.removeprefix("first_stage_model."): v for k, v in original_checkpoint(files[3]).items()
+           if k.startswith("first_stage_model.")}
+    safetensors.torch.save_file(vae, tmp_path / "vae.safetensors")
+    out = cli(capsys, "info", tmp_path / "vae.safetensors").out
+    assert "a VAE alone" in out and "--vae PATH" in out, out
+
+    sd15_lora(tmp_path / "xl.safetensors", sdxl=True)
+    err = cli(capsys, "info", tmp_path / "xl.safetensors", status=2).err
+    assert err.startswith("tritonsd: error: ") and "is an SDXL LoRA" in err and err.count("\n") == 1, err
+    err = cli(capsys, "txt2img", "x", "--model", tmp_path / "detail.safetensors", "-o", tmp_path / "a.png", status=2).err
+    assert "not a model but a LoRA" in err and "--lora" in err, err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lora", "{tmp}/absent.safetensors"], "--lora {tmp}/absent.safetensors: no such file"),
+    (["--lora", "{tmp}/x.safetensors:inf"], "LoRA scale must be a finite number"),
+    (["--lora-dir", "{tmp}/none"], "--lora-dir {tmp}/none: no such folder"),
+    (["--vae", "{tmp}/vae.pt"], "--vae {tmp}/vae.pt: no such file or folder"),
+    (["--prompt-tag", "<lora:style:1>"], "no LoRA named 'style' in no LoRA folders"),
+    (["--prompt-tag", "<lora:style:1:2>"], "separate text-encoder and UNet weights are not supported"),
+], ids=["missing-lora", "infinite-scale", "missing-lora-dir", "missing-vae", "tag-without-folders", "tag-two-weights"])
+def test_cli_refuses_bad_lora_and_vae_options(capsys, tmp_path, extra, message):
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    prompt = "a cube " + (extra.pop(1) if extra[0] == "--prompt-tag" else "")
+    extra = [e for e in extra if e != "--prompt-tag"]
+    err = cli(capsys, "txt2img", prompt, *extra, "-o", tmp_path / "a.png", status=2).err
+    assert err.startswith("tritonsd: error: ") and err.count("\n") == 1, err
+    assert message.format(tmp=tmp_path) in err, f"expected {message!r} in {err!r}"
+    assert not (tmp_path / "a.png").exists()

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from tritonsd import loader
 from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.lora import check_scale, extract_lora_tags, find_lora
 from tritonsd.engine.pipeline import Pipeline
 from tritonsd.engine.samplers import SAMPLERS, make_plan
 from tritonsd.pngmeta import format_parameters, model_hash
@@ -63,11 +64,32 @@ def _device_arg(value: str) -> str:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", help="checkpoint file or diffusers folder (default: the demo model)")
-    p.add_argument("--config", metavar="FILE.json", help="model sizes, for checkpoints whose shape is not SD 1.x")
+    p.add_argument("--config", metavar="FILE", help="model sizes (FILE.json, or a CompVis FILE.yaml), for checkpoints "
+                   "whose shape is not SD 1.x")
+    p.add_argument("--vae", metavar="PATH", help="a separate VAE file or diffusers vae/ folder to use instead of the model's")
+    p.add_argument("--lora", metavar="PATH[:SCALE]", action="append", default=[], type=_lora_arg,
+                   help="apply a LoRA/LyCORIS file at SCALE (default 1); repeatable")
+    p.add_argument("--lora-dir", metavar="DIR", action="append", default=[],
+                   help="folder where <lora:NAME:WEIGHT> prompt tags find NAME.safetensors; repeatable")
     p.add_argument("--device", type=_device_arg, default="auto",
                    help="auto, cpu, cuda or cuda:N (default: auto, CUDA when there is one)")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", metavar="DTYPE",
                    help="auto, fp32, fp16 or bf16 (default: auto, fp16 on CUDA and fp32 on CPU)")
+
+
+def _lora_arg(value: str) -> tuple[Path, float]:
+    """PATH or PATH:SCALE; a colon followed by no number belongs to the path."""
+    path, _, scale = value.rpartition(":")
+    try:
+        scale = float(scale)
+    except ValueError:
+        return Path(value), 1.0
+    if not path:
+        return Path(value), 1.0
+    try:
+        return Path(path), check_scale(scale)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_generation_options(p: argparse.ArgumentParser, size: bool, files: bool) -> None:
@@ -119,10 +141,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST", help="the tritonsd file to write")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", metavar="DTYPE",
                    help="fp32, fp16 or bf16 (default: fp16)")
-    p.add_argument("--config", metavar="FILE.json", help="model sizes, for checkpoints whose shape is not SD 1.x")
+    p.add_argument("--config", metavar="FILE", help="model sizes (FILE.json, or a CompVis FILE.yaml), for checkpoints "
+                   "whose shape is not SD 1.x")
     p.set_defaults(run=_convert)
 
-    p = sub.add_parser("info", help="describe a checkpoint; exit status 2 if it would not load")
+    p = sub.add_parser("info", help="describe a checkpoint, LoRA or VAE file; exit status 2 if it would not load")
     p.add_argument("ckpt", metavar="CKPT")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_info)
@@ -157,7 +180,25 @@ def _check_generation(args, strength: float | None = None) -> int:
             raise ValueError(f"--{name} must be a positive multiple of 8, got {size}")
     if getattr(args, "batch", 1) < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    for path, _ in args.lora:
+        if not path.is_file():
+            raise ValueError(f"--lora {path}: no such file")
+    for folder in args.lora_dir:
+        if not Path(folder).is_dir():
+            raise ValueError(f"--lora-dir {folder}: no such folder")
+    if args.vae and not Path(args.vae).exists():
+        raise ValueError(f"--vae {args.vae}: no such file or folder")
+    if hasattr(args, "prompt"):
+        _check_lora_tags([args.prompt], args)
     return len(plan.timesteps)
+
+
+def _check_lora_tags(prompts: list[str], args) -> None:
+    """Every <lora:NAME:WEIGHT> tag is well formed and names a LoRA given with --lora or found in a --lora-dir."""
+    for prompt in prompts:
+        for name, _ in extract_lora_tags(prompt)[1]:
+            if name not in {p.stem for p, _ in args.lora}:
+                find_lora(name, [Path(d) for d in args.lora_dir])
 
 
 def _check_output(path: Path) -> None:
@@ -172,7 +213,7 @@ def _model_path(args) -> Path:
 
 
 def _model_config(args) -> ModelConfig | None:
-    return ModelConfig.from_json(args.config) if args.config else None
+    return loader.read_config(args.config) if args.config else None
 
 
 def _dtype(name: str, device: str) -> torch.dtype:
@@ -184,9 +225,12 @@ def _dtype(name: str, device: str) -> torch.dtype:
 class _Model:
     """A loaded pipeline with the name and hash its images record."""
 
-    def __init__(self, path: Path, config: ModelConfig | None, device: str, dtype: torch.dtype):
+    def __init__(self, path: Path, config: ModelConfig | None, device: str, dtype: torch.dtype, args):
         start = time.perf_counter()
-        self.pipe = Pipeline.from_checkpoint(path, device=device, dtype=dtype, config=config)
+        self.pipe = Pipeline.from_checkpoint(path, device=device, dtype=dtype, config=config, vae=args.vae,
+                                             lora_dirs=args.lora_dir)
+        for lora, scale in args.lora:
+            self.pipe.load_lora(lora, scale)
         self.load_seconds = time.perf_counter() - start
         self.name = path.stem if path.is_file() else path.name
         self.hash = model_hash(path)
@@ -244,7 +288,7 @@ def _generate(args, run, strength: float | None = None) -> None:
     _check_output(output)
     paths = [output] if args.batch == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(args.batch)]
     path, config = _model_path(args), _model_config(args)
-    model = _Model(path, config, args.device, _dtype(args.dtype, args.device))
+    model = _Model(path, config, args.device, _dtype(args.dtype, args.device), args)
     seed = random.randrange(2**32) if args.seed is None else args.seed
 
     start = time.perf_counter()
@@ -257,7 +301,7 @@ def _generate(args, run, strength: float | None = None) -> None:
         parameters = format_parameters(
             args.prompt, args.negative_prompt, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=seed,
             width=image.width, height=image.height, model_hash=model.hash, model=model.name, strength=strength,
-            batch_size=args.batch, batch_pos=i,
+            batch_size=args.batch, batch_pos=i, lora_hashes=model.pipe.lora_hashes(args.prompt),
         )
         _save_png(image, out, parameters)
         _say(out)
@@ -280,6 +324,7 @@ def _read_prompts(path: str) -> list[tuple[int, str]]:
 def _batch(args) -> None:
     steps = _check_generation(args)
     prompts = _read_prompts(args.prompts)
+    _check_lora_tags([p for _, p in prompts], args)
     if args.seed + prompts[-1][0] >= 2**63:
         raise ValueError(f"--seed {args.seed} plus the line count passes 2**63")
     out = Path(args.out)
@@ -291,7 +336,7 @@ def _batch(args) -> None:
     device = args.device
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    model = _Model(path, config, device, _dtype(args.dtype, device))
+    model = _Model(path, config, device, _dtype(args.dtype, device), args)
     out.mkdir(parents=True, exist_ok=True)
 
     def target(n: int) -> Path:
@@ -316,6 +361,7 @@ def _batch(args) -> None:
             parameters = format_parameters(
                 prompt, args.negative_prompt, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=args.seed + n,
                 width=image.width, height=image.height, model_hash=model.hash, model=model.name,
+                lora_hashes=model.pipe.lora_hashes(prompt),
             )
             _save_png(image, target(n), parameters)
             with tqdm.external_write_mode(file=sys.stdout):  # the bar steps aside for the line
@@ -358,6 +404,13 @@ def _info(args) -> None:
             ("parameters", f"{_count(sum(d['parameters'].values()))}: "
                            + ", ".join(f"{k} {_count(n)}" for k, n in d["parameters"].items())),
         ]
+        if "lora" in d:
+            lora = d["lora"]
+            layers = ", ".join(f"{part} {n}" for part, n in lora["layers"].items())
+            ranks = ", ".join(map(str, lora["ranks"]))
+            rows.append(("lora", lora["problem"] or f"{lora['format']}; layers: {layers}; rank {ranks}"))
+        if "use" in d:
+            rows.append(("use", d["use"]))
         for part, fields in (d["config"] or {}).items():
             rows.append((f"config.{part}", " ".join(f"{k}={v}" for k, v in fields.items())))
         if d["config"]:
@@ -365,10 +418,12 @@ def _info(args) -> None:
         _say(d["path"])
         for key, value in rows:
             _say(f"  {key:<14}{value}")
-    if d["architecture"] != "SD1.x":
-        raise ValueError(f"{d['path']}: not a Stable Diffusion 1.x checkpoint: {d['evidence']}")
     if d["problem"]:
         raise ValueError(d["problem"])
+    if "use" in d:  # a valid file of another kind: a LoRA or a VAE
+        return
+    if d["architecture"] != "SD1.x":
+        raise ValueError(f"{d['path']}: not a Stable Diffusion 1.x checkpoint: {d['evidence']}")
     bad = [f"{len(d[k])} {k.replace('_', ' ')}" for k in ("missing", "unexpected", "wrong_shape") if d[k]]
     if bad:
         raise ValueError(f"{d['path']}: tensors do not match its config: " + ", ".join(bad))

@@ -46,7 +46,9 @@ def model_hash(path: str | Path) -> str:
 def format_parameters(
     prompt: str, negative_prompt: str, *, steps: int, sampler: str, cfg: float, seed: int, width: int, height: int,
     model_hash: str, model: str, strength: float | None = None, batch_size: int = 1, batch_pos: int = 0,
+    lora_hashes: dict[str, str] | None = None,
 ) -> str:
+    """lora_hashes: {name: short hash} of the LoRAs applied, written as AUTOMATIC1111 writes `Lora hashes`."""
     fields = {
         "Steps": steps,
         "Sampler": SAMPLER_NAMES[sampler],
@@ -62,6 +64,9 @@ def format_parameters(
     if batch_size > 1:
         fields["Batch size"] = batch_size
         fields["Batch pos"] = batch_pos
+    if lora_hashes:
+        # A1111 drops the separators of its own field syntax from the names.
+        fields["Lora hashes"] = ", ".join(f"{n.replace(':', '').replace(',', '')}: {h}" for n, h in lora_hashes.items())
     lines = [prompt]
     if negative_prompt:
         lines.append(f"{_NEGATIVE} {negative_prompt}")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tritonsd.loader.formats import CheckpointError
-from tritonsd.loader.lora import LORA_SUFFIXES, Layer, LoraFile, lora_targets, read_lora, short_hash
+from tritonsd.loader.lora import LORA_SUFFIXES, Layer, LoraFile, lora_targets, read_lora
 
 # AUTOMATIC1111's extra-network tag: <kind:arguments>. `lyco` is the older LyCORIS extension's name for the same.
 TAG = re.compile(r"<(\w+):([^>]+)>")
@@ -223,5 +223,3 @@ class LoraSet:
     def hashes(self, names: list[str]) -> dict[str, str]:
         return {name: self.applied[name][0].hash for name in names}
 
-
-__all__ = ["LoraSet", "CheckpointBase", "CopiedBase", "extract_lora_tags", "find_lora", "short_hash"]

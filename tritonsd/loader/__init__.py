@@ -21,6 +21,14 @@ from tritonsd.loader.compvis import read_compvis_config
 from tritonsd.loader.convert import from_diffusers, from_original
 from tritonsd.loader.formats import CheckpointError, read_diffusers, read_file
 from tritonsd.loader.infer import architecture, config_from_diffusers, infer_config
+from tritonsd.loader.lora import describe_lora
+
+# How to use the files that are not a model but go with one.
+USES = {
+    "a LoRA": "apply it to a model: --lora PATH[:SCALE] or a <lora:NAME:WEIGHT> prompt tag with --lora-dir, "
+              "Pipeline.load_lora(PATH) in Python",
+    "a VAE alone": "use it with a model: --vae PATH, or Pipeline.from_checkpoint(MODEL, vae=PATH) in Python",
+}
 
 __all__ = ["CheckpointError", "default_model", "load_state_dict", "infer_config", "read_config", "load", "save", "describe"]
 
@@ -61,6 +69,8 @@ def load_state_dict(path, *, dtype: torch.dtype | None = None, device="cpu") -> 
         raise CheckpointError(
             f"{path}: not a Stable Diffusion checkpoint: {evidence}; its {len(state)} tensors begin {first}"
         )
+    if name in USES:
+        raise CheckpointError(f"{path}: not a model but {name} ({evidence}); {USES[name]}")
     if name != "SD1.x":
         raise CheckpointError(f"{path}: looks like {name} ({evidence}); tritonsd runs SD 1.x models only")
     return fmt, state, metadata
@@ -158,6 +168,11 @@ def describe(path) -> dict:
         "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in state.values())),
         "parameters": dict(parts), "missing": [], "unexpected": [], "wrong_shape": [], "problem": None,
     }
+    if name in USES:
+        info["use"] = USES[name]
+    if name == "a LoRA":
+        info["lora"] = describe_lora(state, metadata, StableDiffusion.on_meta(ModelConfig()))
+        info["problem"] = info["lora"]["problem"] and f"{path}: not a LoRA for SD 1.x: {info['lora']['problem']}"
     if name != "SD1.x":
         return info
     try:

@@ -6,6 +6,7 @@ import torch
 
 from tritonsd.engine.config import ModelConfig
 from tritonsd.loader.formats import CheckpointError
+from tritonsd.loader.lora import is_lora
 
 
 def architecture(state: dict[str, torch.Tensor]) -> tuple[str, str]:
@@ -23,9 +24,9 @@ def architecture(state: dict[str, torch.Tensor]) -> tuple[str, str]:
         return "SD3", "it is an MMDiT (joint_blocks), not a UNet"
     if has("double_blocks.") or has("unet.double_blocks."):
         return "Flux", "it is a transformer (double_blocks), not a UNet"
-    if any("lora_" in k for k in state):
-        return "a LoRA", "its tensors are low-rank adapters (lora_*), which patch a model rather than being one"
-    if not has("unet.") and has("encoder.") and has("decoder."):
+    if is_lora(state):
+        return "a LoRA", "its tensors are low-rank adapters, which patch a model rather than being one"
+    if not has("unet.") and (has("encoder.") and has("decoder.") or has("vae.encoder.") and has("vae.decoder.")):
         return "a VAE alone", "it has encoder.* and decoder.* but no UNet or text encoder"
     if "unet.input_blocks.0.0.weight" not in state:
         return "unknown", "it has no UNet (model.diffusion_model.input_blocks.0.0.weight or unet/conv_in)"

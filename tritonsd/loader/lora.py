@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tritonsd.loader.convert import _rename, unet_rules
+from tritonsd.loader.convert import unet_rules
 from tritonsd.loader.formats import CheckpointError, read_file
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -285,15 +285,6 @@ class LoraFile:
     layers: list[Layer]
     hash: str
 
-    @property
-    def parts(self) -> dict[str, int]:
-        """Layers per network: {"unet": n, "text_encoder": m}."""
-        counts: dict[str, int] = {}
-        for layer in self.layers:
-            part = layer.target.param.split(".", 1)[0]
-            counts[part] = counts.get(part, 0) + 1
-        return counts
-
 
 def _peft_alphas(metadata: dict) -> dict[str, tuple[float, dict]]:
     """{part: (lora_alpha, alpha_pattern)} from diffusers' adapter metadata, for PEFT files without alpha tensors."""
@@ -398,3 +389,24 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
             raise ValueError(f"layers {seen[key]} and {layer.name} both patch {layer.target.param}")
         seen[key] = layer.name
     return layers, "+".join(sorted(formats))
+
+
+def is_lora(keys) -> bool:
+    """Whether tensor names are a LoRA/LyCORIS file's."""
+    leaves = set().union(*KINDS.values())
+    return any(_split(k)[1] in leaves for k in keys)
+
+
+def describe_lora(raw: dict, metadata: dict, model: nn.Module) -> dict:
+    """What `tritonsd info` says of a LoRA file: its format, layers per network, ranks, and whether it fits `model`
+    (problem: None, or why not)."""
+    info = {"format": None, "layers": {}, "ranks": [], "problem": None}
+    try:
+        layers, info["format"] = _layers(raw, metadata, model, lora_targets(model))
+    except ValueError as e:
+        info["problem"] = str(e)
+        return info
+    parts = [layer.target.param.split(".", 1)[0] for layer in layers]
+    info["layers"] = {part: parts.count(part) for part in ("unet", "text_encoder") if part in parts}
+    info["ranks"] = sorted({r for layer in layers if (r := _rank(layer.kind, layer.factors)) is not None})
+    return info
