@@ -75,3 +75,45 @@ def test_returned_latents_are_not_overwritten_by_the_next_call(gpu):
         kept = first.clone()
         gpu.txt2img("a blue square", steps=4, seed=1, output_type="latent")
     assert torch.equal(first, kept), "a later call wrote into latents returned earlier"
+
+
+def demo_lora(path):
+    """A random kohya LoRA over the demo UNet's cross-attention and the text encoder's MLP, strong enough to show."""
+    import safetensors.torch
+
+    model = Pipeline.from_checkpoint(device="cpu").model
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, w in model.state_dict().items():
+        if name.endswith(("attn2.to_q.weight", "attn2.to_out.0.weight", "mlp.fc1.weight")):
+            key = ("lora_unet_" if name.startswith("unet.") else "lora_te_text_model_") + \
+                name.split(".", 1)[1].removesuffix(".weight").replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = torch.randn(4, w.shape[1], generator=g) / w.shape[1] ** 0.5
+            tensors[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], 4, generator=g)
+    safetensors.torch.save_file(tensors, path)
+
+
+def test_lora_switches_under_captured_graphs_without_recapture(reference, gpu, tmp_path):
+    """Load, re-scale and unload write the weights in place: the graphs captured before replay the new weights,
+    no graph is captured again, and unloading gives back the image from before bit for bit."""
+    path = tmp_path / "demo-lora.safetensors"
+    demo_lora(path)
+    args = dict(steps=8, sampler="euler", seed=4, guidance_scale=7.5)
+    with kernels.backend("auto"):
+        before = gpu.txt2img("a red circle", output_type="np", **args)
+    captured = len(gpu._graphs.graphs)
+    for scale in (1.0, 0.4):
+        reference.load_lora(path, scale=scale)
+        gpu.load_lora(path, scale=scale)
+        try:
+            compare(reference, gpu, "txt2img", "a red circle", **args)
+            with kernels.backend("auto"):
+                changed = psnr(gpu.txt2img("a red circle", output_type="np", **args), before)
+            assert changed < 30, f"the LoRA at {scale} hardly changes the image (PSNR {changed:.1f} dB to before)"
+        finally:
+            reference.unload_lora()
+            gpu.unload_lora()
+    assert len(gpu._graphs.graphs) == captured, "switching LoRAs captured new graphs"
+    with kernels.backend("auto"):
+        after = gpu.txt2img("a red circle", output_type="np", **args)
+    assert np.array_equal(before, after), "the image after unloading differs from the one before loading"

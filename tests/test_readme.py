@@ -44,3 +44,10 @@ def test_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(block("python"), "README.md", "exec"), {})
     assert (tmp_path / "square.png").is_file()
+
+
+@needs_demo
+def test_lora_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block("lora"), "README.md", "exec"), {})
+    assert (tmp_path / "noise.safetensors").is_file()

@@ -204,22 +204,52 @@ class LoraSet:
             for param_name, base in self.base.read(self.model, touched):
                 param = self.model.get_parameter(param_name)
                 layers = contributions.get(param_name)
-                if not layers:
+                if layers:
+                    _recompute(param, base, layers)
+                else:
                     param.copy_(base)
-                    continue
-                # A contiguous float32 copy, even of a float32 base, which must stay untouched.
-                weight = base.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-                for layer, scale in layers:
-                    rows = weight[layer.target.rows]
-                    if layer.kind == "lora" and "lora_mid.weight" not in layer.factors:
-                        up = layer.factors["lora_up.weight"].flatten(1).float()
-                        down = layer.factors["lora_down.weight"].flatten(1).float()
-                        rows.view(rows.shape[0], -1).addmm_(up, down, alpha=scale * layer.scale)
-                    else:
-                        rows.add_(layer.delta(), alpha=scale)
-                param.copy_(weight)
         self.applied = new
 
     def hashes(self, names: list[str]) -> dict[str, str]:
         return {name: self.applied[name][0].hash for name in names}
 
+
+# Elements per block of rows on the CPU: a float32 block (1 MiB) stays in cache from the read of the base through
+# the updates to the write into the weight, instead of three passes over a float32 copy of the whole weight.
+CPU_BLOCK = 1 << 18
+
+
+def _recompute(param: torch.Tensor, base: torch.Tensor, layers: list[tuple[Layer, float]]) -> None:
+    """param = base + Σ scale · ΔW, in float32, block of rows by block of rows."""
+    rows = param.shape[0]
+    blocked = param.device.type == "cpu" and param.is_contiguous()
+    step = max(1, CPU_BLOCK // max(1, param[0].numel())) if blocked else rows
+    out = param.view(rows, -1) if blocked else None
+    base = base.reshape(rows, -1)
+    updates = []  # (first row, last row, add(block, first, last)) per layer
+    for layer, scale in layers:
+        start, stop, _ = layer.target.rows.indices(rows)
+        if layer.kind == "lora" and "lora_mid.weight" not in layer.factors:
+            up = layer.factors["lora_up.weight"].flatten(1).float()
+            down = layer.factors["lora_down.weight"].flatten(1).float()
+            alpha = scale * layer.scale
+
+            def add(block, a, b, up=up, down=down, alpha=alpha, start=start):
+                block.addmm_(up[a - start:b - start], down, alpha=alpha)
+        else:
+            delta = layer.delta().reshape(stop - start, -1)
+
+            def add(block, a, b, delta=delta, scale=scale, start=start):
+                block.add_(delta[a - start:b - start], alpha=scale)
+        updates.append((start, stop, add))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        block = base[r0:r1].to(torch.float32, copy=True)  # a copy even of a float32 base, which stays untouched
+        for start, stop, add in updates:
+            a, b = max(r0, start), min(r1, stop)
+            if a < b:
+                add(block[a - r0:b - r0], a, b)
+        if blocked:
+            out[r0:r1].copy_(block)
+        else:
+            param.copy_(block.view(param.shape))
