@@ -68,7 +68,7 @@ for i in range(repeat):
 end = memory()
 exact = digest(pipe, touched) == before_digest
 layers = len(pipe._loras.read(lora).layers)
-print(json.dumps(dict(times=times, model_bytes=model_bytes, memory_before=base, memory_after_apply=after_apply,
+print(json.dumps(dict(threads=torch.get_num_threads(), times=times, model_bytes=model_bytes, memory_before=base, memory_after_apply=after_apply,
                       memory_after_unload=end, touched_weights=len(touched), layers=layers, unload_exact=exact)))
 """
 
@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (memory figures are the host's)")
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's own choice)")
     args = parser.parse_args()
     import torch
     import triton
@@ -120,8 +121,9 @@ def main() -> None:
         layers = write_lora(lora)
         os.sync()  # no write-back of the fresh files competing with the measurement
         load_before = os.getloadavg()
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
         out = subprocess.run([sys.executable, "-c", MEASURE.format(root=str(ROOT)), str(checkpoint), str(lora),
-                              str(args.repeat), args.device], check=True, capture_output=True, text=True).stdout
+                              str(args.repeat), args.device], check=True, capture_output=True, text=True, env=env).stdout
         r = json.loads(out.strip().splitlines()[-1])
         lora_bytes = lora.stat().st_size
         load_after = os.getloadavg()
@@ -133,7 +135,8 @@ def main() -> None:
     for k, v in median.items():
         print(f"{k:12s} median {v:6.3f} s, best {best[k]:6.3f} s over {args.repeat} "
               f"(each: {', '.join(f'{t:.3f}' for t in r['times'][k])})")
-    print(f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs")
+    print(f"{r['threads']} thread(s); load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, "
+          f"on {os.cpu_count()} CPUs")
     print(f"model {r['model_bytes'] / 2**30:.2f} GiB; LoRA file {lora_bytes / 2**20:.1f} MiB, {layers} layers, "
           f"{r['touched_weights']} engine weights; RSS added after apply {added / 2**20:.0f} MiB "
           f"({added / r['model_bytes']:.1%} of the model), peak RSS rise during the first apply {peak / 2**20:.0f} MiB; "
@@ -141,7 +144,7 @@ def main() -> None:
     result = dict(
         device=args.device, cpu=platform.processor() or platform.machine(), cores=len(os.sched_getaffinity(0)),
         torch=torch.__version__, triton=triton.__version__, python=platform.python_version(), dtype="float16",
-        rank=32, lora_layers=layers, lora_file_bytes=lora_bytes, repeat=args.repeat, seconds_median=median,
+        threads=r["threads"], rank=32, lora_layers=layers, lora_file_bytes=lora_bytes, repeat=args.repeat, seconds_median=median,
         seconds_best=best, load_average_1min=dict(before=load_before[0], after=load_after[0]),
         seconds=r["times"], model_bytes=r["model_bytes"], rss_added_after_apply_bytes=added,
         rss_added_over_model=added / r["model_bytes"], peak_rss_rise_first_apply_bytes=peak,
