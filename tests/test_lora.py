@@ -278,6 +278,11 @@ def lycoris_layers(state) -> dict[str, tuple[str, dict, float]]:
                                                       _factors(g, (4, 4), (2, 16), (2, 32), (2, 2, 3, 3)))),
         t + "encoder.layers.1.self_attn.q_proj": dict(zip(["lokr_w1", "lokr_w2"], _factors(g, (4, 4), (8, 8)))),
     }
+    locon = {  # LoCon with a Tucker core: down [r, in, 1, 1], mid [r, r, 3, 3], up [out, r, 1, 1]
+        u + "input_blocks.2.0.in_layers.2": dict(zip(["lora_down.weight", "lora_mid.weight", "lora_up.weight"],
+                                                     _factors(g, (3, 32, 1, 1), (3, 3, 3, 3), (32, 3, 1, 1)))),
+    }
+    loha |= locon
     assert all(k + ".weight" in state for k in {**loha, **lokr}), "a layer name is not in the checkpoint"
 
     def kohya(key):
@@ -289,8 +294,12 @@ def lycoris_layers(state) -> dict[str, tuple[str, dict, float]]:
 
 
 def merged_delta(factors: dict, alpha: float, shape) -> torch.Tensor:
-    """ΔW by the LyCORIS definitions (as AUTOMATIC1111's network_hada.py and network_lokr.py apply them)."""
+    """ΔW by the LyCORIS definitions (as AUTOMATIC1111's network_lora.py, network_hada.py and network_lokr.py apply
+    them)."""
     f = factors
+    if "lora_mid.weight" in f:  # W[o, i, k, l] = Σ_nm up[o, n] mid[n, m, k, l] down[m, i]
+        up, down = f["lora_up.weight"][:, :, 0, 0], f["lora_down.weight"][:, :, 0, 0]
+        return torch.einsum("on,nmkl,mi->oikl", up, f["lora_mid.weight"], down) * (alpha / down.shape[0])
     if "hada_w1_a" in f:
         def product(i):
             if f"hada_t{i}" in f:  # W[p, q, k, l] = Σ_ij t[i, j, k, l] a[i, p] b[j, q]
@@ -309,7 +318,7 @@ def merged_delta(factors: dict, alpha: float, shape) -> torch.Tensor:
     return (torch.kron(w1, w2) * scale).reshape(shape)
 
 
-def test_loha_and_lokr_equal_the_merged_checkpoint(pipe, files, tmp_path):
+def test_loha_lokr_and_locon_tucker_equal_the_merged_checkpoint(pipe, files, tmp_path):
     root, _, _, state = files
     ckpt = original_checkpoint(state)
     layers = lycoris_layers(ckpt)
@@ -327,7 +336,7 @@ def test_loha_and_lokr_equal_the_merged_checkpoint(pipe, files, tmp_path):
     finally:
         pipe.unload_lora()
     assert psnr(pipe.txt2img(PROMPT, **GEN), want) < 30, "the LyCORIS layers hardly change the image"
-    assert_close_images(got, want, "LoHa + LoKr against the merged checkpoint")
+    assert_close_images(got, want, "LoHa + LoKr + LoCon (Tucker) against the merged checkpoint")
 
 
 # --- switching -----------------------------------------------------------------------------------------------------
