@@ -6,17 +6,18 @@ the engine's names whose metadata holds its ModelConfig).
 """
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from tritonsd.engine.config import ModelConfig
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.engine.tokenizer import CLIPTokenizer
+from tritonsd.files import atomic_write, check_output
 from tritonsd.loader.convert import from_diffusers, from_original
 from tritonsd.loader.formats import CheckpointError, read_diffusers, read_file
 from tritonsd.loader.infer import architecture, config_from_diffusers, infer_config
@@ -120,18 +121,15 @@ def load(path, *, device="cpu", dtype: torch.dtype = torch.float32, config: Mode
 
 def save(model_or_state: nn.Module | dict, config: ModelConfig, path, dtype: torch.dtype | None = None) -> None:
     """Write the engine's own file: engine names, config in the metadata. The file appears whole or not at all."""
-    path = Path(path)
+    path = check_output(path)
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
     _check(path, state, StableDiffusion.on_meta(config).state_dict())
     state = {k: t.detach().to(dtype=dtype if t.is_floating_point() else None).contiguous() for k, t in state.items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        safetensors.torch.save_file(state, tmp, metadata={"format": FORMAT_TAG, "config": config.to_json()})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp:
+        try:
+            safetensors.torch.save_file(state, tmp, metadata={"format": FORMAT_TAG, "config": config.to_json()})
+        except SafetensorError as e:  # the write failed (a full disk, say): an OSError, like any other
+            raise OSError(f"cannot write {path}: {e}") from None
 
 
 def describe(path) -> dict:
