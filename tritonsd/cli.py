@@ -5,38 +5,7 @@ that is cheap. Every file is written whole or not at all, so an interrupted run 
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-import random
-import re
 import sys
-import time
-from pathlib import Path
-
-import torch
-from PIL import Image, PngImagePlugin
-from tqdm.auto import tqdm
-
-from tritonsd import loader
-from tritonsd.engine.config import ModelConfig
-from tritonsd.engine.pipeline import Pipeline
-from tritonsd.engine.samplers import SAMPLERS, make_plan
-from tritonsd.pngmeta import format_parameters, model_hash
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        _fail(f"{message} (see {self.prog} --help)")
-
-
-def _fail(message: str, status: int = 2):
-    _say(f"tritonsd: error: {message}", sys.stderr)
-    raise SystemExit(status)
 
 
 def _say(text, file=None) -> None:
@@ -47,24 +16,59 @@ def _say(text, file=None) -> None:
     file.flush()
 
 
-def _device_arg(value: str) -> str:
-    if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", value)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N")
-    if value != "cpu":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{value} requested but CUDA is not available; use --device cpu")
-        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{value} requested but there are {torch.cuda.device_count()} CUDA devices")
-    return value
+def _interrupted():
+    _say("tritonsd: interrupted", sys.stderr)
+    raise SystemExit(130)
+
+
+# Importing torch takes a second or more, and Ctrl-C then must end as it does at any later moment. The package's
+# __init__ imports nothing heavy, so before this point an interrupt can only land in the interpreter's start-up.
+try:
+    import argparse
+    import dataclasses
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    import torch
+    from PIL import PngImagePlugin
+    from tqdm.auto import tqdm
+
+    from tritonsd import loader
+    from tritonsd.engine.config import ModelConfig
+    from tritonsd.engine.pipeline import Pipeline
+    from tritonsd.engine.samplers import SAMPLERS
+    from tritonsd.engine.settings import DTYPES, SEED_LIMIT, SettingError, Settings, check_device, read_image
+    from tritonsd.files import atomic_write, check_output, check_output_folder
+    from tritonsd.pngmeta import format_parameters, model_hash
+except KeyboardInterrupt:
+    _interrupted()
+
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# The Python arguments that SettingError names, as options of this command.
+_OPTIONS = {
+    "guidance_scale": "--cfg", "batch_size": "--batch", "negative_prompt": "--negative-prompt",
+    **{name: f"--{name}" for name in ("steps", "sampler", "seed", "width", "height", "strength", "device", "dtype")},
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        _fail(f"{message} (see {self.prog} --help)")
+
+
+def _fail(message: str, status: int = 2):
+    # One line, whatever the message quotes (a path or prompt may hold line breaks).
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
+    _say(f"tritonsd: error: {message}", sys.stderr)
+    raise SystemExit(status)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", help="checkpoint file or diffusers folder (default: the demo model)")
     p.add_argument("--config", metavar="FILE.json", help="model sizes, for checkpoints whose shape is not SD 1.x")
-    p.add_argument("--device", type=_device_arg, default="auto",
+    p.add_argument("--device", default="auto",
                    help="auto, cpu, cuda or cuda:N (default: auto, CUDA when there is one)")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", metavar="DTYPE",
                    help="auto, fp32, fp16 or bf16 (default: auto, fp16 on CUDA and fp32 on CPU)")
@@ -75,7 +79,7 @@ def _add_generation_options(p: argparse.ArgumentParser, size: bool, files: bool)
     p.add_argument("--negative-prompt", default="", metavar="TEXT", help="what the image should not show")
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="euler", metavar="NAME",
+    p.add_argument("--sampler", default="euler", metavar="NAME",
                    help=f"{', '.join(SAMPLERS)} (default: euler)")
     if files:
         p.add_argument("--seed", type=int, help="default: random, printed and stored in the PNG")
@@ -130,9 +134,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         args.run(args)
+    except SettingError as e:
+        _fail(f"{_OPTIONS.get(e.argument, e.argument)} {e.problem}")
     except ValueError as e:
         _fail(str(e))
     except torch.cuda.OutOfMemoryError:
@@ -140,31 +146,62 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         _fail(str(e), status=1)
     except KeyboardInterrupt:
-        _say("tritonsd: interrupted", sys.stderr)
-        raise SystemExit(130)
+        _interrupted()
 
 
-def _check_generation(args, strength: float | None = None) -> int:
-    """Every setting a run needs, checked before the model loads. Returns the denoising steps the run takes."""
-    plan = make_plan(args.sampler, args.steps, 1.0 if strength is None else strength)
-    if not math.isfinite(args.cfg):
-        raise ValueError(f"--cfg must be a finite number, got {args.cfg}")
-    if args.seed is not None and not 0 <= args.seed < 2**63:
-        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
-    for name in ("width", "height"):
-        size = getattr(args, name, None)
-        if size is not None and (size <= 0 or size % 8):
-            raise ValueError(f"--{name} must be a positive multiple of 8, got {size}")
-    if getattr(args, "batch", 1) < 1:
-        raise ValueError(f"--batch must be at least 1, got {args.batch}")
-    return len(plan.timesteps)
+def _settings(args, prompt: str, **run) -> Settings:
+    """The run's settings, checked by the same code as the Python API's, before any model loads."""
+    return Settings(
+        prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, seed=args.seed,
+        **run,
+    )
 
 
-def _check_output(path: Path) -> None:
+def _launcher() -> tuple[int, int, int | None]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, None) when not launched as one of several."""
+    world = _environment_int("WORLD_SIZE", 1)
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE must be at least 1, got {world}")
+    if world == 1:
+        return 0, 1, None
+    missing = [name for name in ("RANK", "LOCAL_RANK") if name not in os.environ]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE is {world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; "
+            "launch with torchrun, which sets all three"
+        )
+    rank, local_rank = _environment_int("RANK", 0), _environment_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world or local_rank < 0:
+        raise ValueError(f"RANK {rank} and LOCAL_RANK {local_rank} do not fit WORLD_SIZE {world}")
+    return rank, world, local_rank
+
+
+def _environment_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def _device(value: str, local_rank: int | None = None) -> str:
+    """--device as a device: auto is CUDA when there is one; a bare cuda under a launcher is this process's GPU,
+    cuda:LOCAL_RANK; cuda:N is taken as given."""
+    if value == "auto":
+        value = "cuda" if torch.cuda.is_available() else "cpu"
+    if value == "cuda" and local_rank is not None:
+        value = f"cuda:{local_rank}"
+    check_device(value)
+    return value
+
+
+def _png_path(value: str) -> Path:
+    path = Path(value)
     if path.suffix.lower() != ".png":
         raise ValueError(f"output {path} must be a .png file")
-    if not path.parent.is_dir():
-        raise ValueError(f"output folder {path.parent} does not exist")
+    return path
 
 
 def _model_path(args) -> Path:
@@ -203,94 +240,81 @@ def _progress(args) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
-def _save_png(image: Image.Image, path: Path, parameters: str) -> None:
+def _save_png(image, path: Path, parameters: str) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    _write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write beside the target and rename over it, so readers (and resumed runs) never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def _txt2img(args) -> None:
-    _generate(args, lambda pipe, **kw: pipe.txt2img(args.prompt, width=args.width, height=args.height, **kw))
+    _generate(args, _settings(args, args.prompt, width=args.width, height=args.height, batch_size=args.batch))
 
 
 def _img2img(args) -> None:
-    try:
-        with Image.open(args.image) as f:
-            image = f.convert("RGB")
-    except OSError as e:
-        raise ValueError(f"cannot read image {args.image}: {e}") from None
-    if min(image.size) < 8:
-        raise ValueError(f"image {args.image} is {image.width}x{image.height}; both sides must be at least 8 pixels")
-    _generate(args, lambda pipe, **kw: pipe.img2img(image, args.prompt, strength=args.strength, **kw), args.strength)
+    settings = _settings(args, args.prompt, strength=args.strength, batch_size=args.batch)
+    _generate(args, settings, read_image(args.image))
 
 
-def _generate(args, run, strength: float | None = None) -> None:
-    steps = _check_generation(args, strength)
-    output = Path(args.output)
-    _check_output(output)
-    paths = [output] if args.batch == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(args.batch)]
+def _generate(args, settings: Settings, image=None) -> None:
+    device = _device(args.device)
+    output = _png_path(args.output)
+
+    def target(i: int) -> Path:
+        return output if settings.batch_size == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
+
+    check_output(target(settings.batch_size - 1))  # the longest name
     path, config = _model_path(args), _model_config(args)
-    model = _Model(path, config, args.device, _dtype(args.dtype, args.device))
-    seed = random.randrange(2**32) if args.seed is None else args.seed
+    model = _Model(path, config, device, _dtype(args.dtype, device))
+    # The memory estimate first: it refuses an absurd --batch at once, before every one of its names is looked at.
+    model.pipe.check(settings, image)
+    paths = [target(i) for i in range(settings.batch_size)]
+    for out in paths:
+        check_output(out)
 
     start = time.perf_counter()
-    images = run(
-        model.pipe, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.cfg,
-        sampler=args.sampler, seed=seed, batch_size=args.batch, progress=_progress(args),
-    )
+    images = model.pipe.generate(settings, image, progress=_progress(args))
     seconds = time.perf_counter() - start
-    for i, (image, out) in enumerate(zip(images, paths)):
+    steps = len(settings.plan.timesteps)
+    for i, (picture, out) in enumerate(zip(images, paths)):
         parameters = format_parameters(
-            args.prompt, args.negative_prompt, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=seed,
-            width=image.width, height=image.height, model_hash=model.hash, model=model.name, strength=strength,
-            batch_size=args.batch, batch_pos=i,
+            args.prompt, args.negative_prompt, steps=settings.steps, sampler=settings.sampler,
+            cfg=settings.guidance_scale, seed=settings.seed, width=picture.width, height=picture.height,
+            model_hash=model.hash, model=model.name, strength=settings.strength, batch_size=settings.batch_size,
+            batch_pos=i,
         )
-        _save_png(image, out, parameters)
+        _save_png(picture, out, parameters)
         _say(out)
     if not args.quiet:
-        _say(f"seed {seed}: " + model.summary(f"{len(images)} image(s), {steps} steps", steps, seconds), sys.stderr)
+        summary = model.summary(f"{len(images)} image(s), {steps} steps", steps, seconds)
+        _say(f"seed {settings.seed}: {summary}", sys.stderr)
 
 
 def _read_prompts(path: str) -> list[tuple[int, str]]:
-    """(line number from 1, prompt) for each non-empty line, so a file name and seed name a line of the file."""
+    """(line number from 1, prompt) for each non-empty line, so a file name and seed name a line of the file.
+    Lines end at "\n" only (a "\r" before it is stripped), as editors number them: U+2028, U+0085 or a form feed
+    inside a line does not start another."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read prompts file {path}: {e}") from None
-    prompts = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    prompts = [(n, line.strip()) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
     if not prompts:
         raise ValueError(f"prompts file {path} has no prompts")
     return prompts
 
 
 def _batch(args) -> None:
-    steps = _check_generation(args)
+    rank, world, local_rank = _launcher()
+    device = _device(args.device, local_rank)
     prompts = _read_prompts(args.prompts)
-    if args.seed + prompts[-1][0] >= 2**63:
-        raise ValueError(f"--seed {args.seed} plus the line count passes 2**63")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is not a folder")
+    settings = _settings(args, prompts[0][1], width=args.width, height=args.height)
+    steps = len(settings.plan.timesteps)
+    last = prompts[-1][0]
+    if settings.seed + last >= SEED_LIMIT:
+        raise SettingError("seed", f"{settings.seed} plus the last line's number, {last}, passes 2**64 - 1")
+    out = check_output_folder(args.out)
     path, config = _model_path(args), _model_config(args)
-
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device
-    if world > 1 and device.startswith("cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
     model = _Model(path, config, device, _dtype(args.dtype, device))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -309,13 +333,11 @@ def _batch(args) -> None:
         start = time.perf_counter()
         mine = pending[rank::world]
         for n, prompt in tqdm(mine, disable=not _progress(args) or rank != 0, desc="batch", unit="image"):
-            image = model.pipe.txt2img(
-                prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,
-                seed=args.seed + n, width=args.width, height=args.height,
-            )[0]
+            line = dataclasses.replace(settings, prompt=prompt, seed=settings.seed + n)
+            image = model.pipe.generate(line)[0]
             parameters = format_parameters(
-                prompt, args.negative_prompt, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=args.seed + n,
-                width=image.width, height=image.height, model_hash=model.hash, model=model.name,
+                prompt, args.negative_prompt, steps=line.steps, sampler=line.sampler, cfg=line.guidance_scale,
+                seed=line.seed, width=image.width, height=image.height, model_hash=model.hash, model=model.name,
             )
             _save_png(image, target(n), parameters)
             with tqdm.external_write_mode(file=sys.stdout):  # the bar steps aside for the line
@@ -333,9 +355,7 @@ def _batch(args) -> None:
 
 
 def _convert(args) -> None:
-    src, dst = Path(args.src), Path(args.dst)
-    if not dst.parent.is_dir():
-        raise ValueError(f"output folder {dst.parent} does not exist")
+    src, dst = Path(args.src), check_output(args.dst)
     config = _model_config(args)
     dtype = DTYPES[args.dtype]
     start = time.perf_counter()

@@ -28,6 +28,10 @@ MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # A1111's own pattern for one `Key: value` field; values holding a comma, colon or newline are JSON-quoted.
 _FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _NEGATIVE = "Negative prompt:"
+# A prompt line that begins (after spaces) with _NEGATIVE would be read back as the start of the negative prompt, by
+# A1111 as here; a second space keeps it in its prompt. CLIP's tokenizer collapses runs of spaces, so the stored
+# prompt draws the same image.
+_NEGATIVE_IN_TEXT = "Negative  prompt:"
 
 
 def model_hash(path: str | Path) -> str:
@@ -62,9 +66,9 @@ def format_parameters(
     if batch_size > 1:
         fields["Batch size"] = batch_size
         fields["Batch pos"] = batch_pos
-    lines = [prompt]
+    lines = [_escape(prompt)]
     if negative_prompt:
-        lines.append(f"{_NEGATIVE} {negative_prompt}")
+        lines.append(f"{_NEGATIVE} {_escape(negative_prompt)}")
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in fields.items()))
     return "\n".join(lines)
 
@@ -79,8 +83,8 @@ def parse_parameters(text: str) -> dict:
         fields = {k: json.loads(v) if v.startswith('"') else v for k, v in _FIELD.findall(lines.pop())}
     prompt, negative = [], []
     for line in lines:
-        if negative or line.startswith(_NEGATIVE):
-            negative.append(line.removeprefix(_NEGATIVE).lstrip() if not negative else line)
+        if negative or line.lstrip().startswith(_NEGATIVE):
+            negative.append(line.lstrip().removeprefix(_NEGATIVE).lstrip() if not negative else line)
         else:
             prompt.append(line)
     out = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
@@ -98,6 +102,13 @@ def parse_parameters(text: str) -> dict:
         else:
             out[key] = value
     return out
+
+
+def _escape(text: str) -> str:
+    return "\n".join(
+        line.replace(_NEGATIVE, _NEGATIVE_IN_TEXT, 1) if line.lstrip().startswith(_NEGATIVE) else line
+        for line in text.split("\n")
+    )
 
 
 def _number(x: float) -> int | float:
