@@ -10,10 +10,12 @@ batch B = 2N under guidance and N without, a the model dtype's size:
     text     a · T · 77 · (8·hidden + mlp)    the text encoder's activations, T = prompts (twice under guidance)
     unet     a · 48 · B · max_level(ch · px)  the UNet's activations, scaled from its largest level
     vae      a · 6 · N·H·W · c                the VAE decoder at full resolution, c = ch · max(ch_mult[:2]), the width
-             + 4 · 3 · N · (h·w)²             of its full-resolution layers, and its middle attention's float32
-                                              score matrices (it reads q, k and v strided, which sends
-                                              scaled_dot_product_attention to its math path); img2img's encode of
-                                              one image needs less
+             + 4 · 3 · N · (h·w)²             of its full-resolution layers; on a CPU also its middle attention's
+                                              float32 score matrices (its q, k and v are strided views, which
+                                              sends scaled_dot_product_attention to its math path there; on CUDA
+                                              the measured peaks, 451 MiB at 512² to 1604 MiB at 1024² in the
+                                              README's Performance, grow with the pixels, not their square).
+                                              img2img's encode of one image needs less
     images   4 · 5 · N·H·W·3                  the decoded images as floats, on the host
     noise    4 · 3 · S·N·C·h·w                a sampler that adds noise: all S steps' noise, drawn up front on the host
 
@@ -46,7 +48,8 @@ class Need:
     host: int  # bytes in system memory besides (on a CPU, the two add up)
 
 
-def estimate(config: ModelConfig, dtype: torch.dtype, settings: Settings, width: int, height: int) -> Need:
+def estimate(config: ModelConfig, device: torch.device, dtype: torch.dtype, settings: Settings, width: int,
+             height: int) -> Need:
     a = dtype.itemsize
     u, v, t = config.unet, config.vae, config.text
     f = 2 ** (len(v.ch_mult) - 1)
@@ -66,7 +69,9 @@ def estimate(config: ModelConfig, dtype: torch.dtype, settings: Settings, width:
     context = a * b * tokens * u.context_dim
     text = a * rows * tokens * (8 * t.hidden_size + t.intermediate_size)
     unet = a * UNET_FACTOR * b * largest
-    vae = a * VAE_FACTOR * n * height * width * v.ch * max(v.ch_mult[:2]) + 4 * 3 * n * (h * w) ** 2
+    vae = a * VAE_FACTOR * n * height * width * v.ch * max(v.ch_mult[:2])
+    if device.type != "cuda":
+        vae += 4 * 3 * n * (h * w) ** 2
     images = 4 * 5 * n * height * width * 3
     noise = 4 * 3 * noisy_steps * n * latent
     return Need(device=latents + context + max(text, unet, vae), host=images + noise)

@@ -131,7 +131,7 @@ class Pipeline:
             width, height = (side - side % self.vae_scale for side in picture.size)
             if width == 0 or height == 0:
                 raise SettingError("image", f"of size {picture.size} is smaller than {self.vae_scale}x{self.vae_scale} pixels")
-        memory.check(memory.estimate(self.config, self.dtype, settings, width, height), self.device)
+        memory.check(memory.estimate(self.config, self.device, self.dtype, settings, width, height), self.device)
         return picture, width, height
 
     @torch.inference_mode()
