@@ -415,6 +415,8 @@ BAD_INPUT = [
     ("missing prompts file", ["batch", "{tmp}/none.txt", "--out", "{out}", "--model", "{model}"], "cannot read prompts file"),
     ("empty prompts file", ["batch", "{empty}", "--out", "{out}", "--model", "{model}"], "has no prompts"),
     ("batch over a file", ["batch", "{prompts}", "--out", "{text}", "--model", "{model}"], "is not a folder"),
+    ("batch too large for memory", ["batch", "{prompts}", "--out", "{out}/images", "--model", "{model}", "--width",
+                                    "100000", "--height", "100000"], "needs about"),
     ("batch seed past 2**64", ["batch", "{prompts}", "--out", "{out}", "--seed", str(2**64 - 1)],
      "--seed 18446744073709551615 plus the last line's number, 1, passes 2**64 - 1"),
     ("launcher without LOCAL_RANK", ["batch", "{prompts}", "--out", "{out}", "--model", "{model}", *FAST],

@@ -49,7 +49,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # The Python arguments that SettingError names, as options of this command.
 _OPTIONS = {
     "guidance_scale": "--cfg", "batch_size": "--batch", "negative_prompt": "--negative-prompt",
-    **{name: f"--{name}" for name in ("steps", "sampler", "seed", "width", "height", "strength", "device", "dtype")},
+    **{name: f"--{name}" for name in ("steps", "sampler", "seed", "width", "height", "strength", "device")},
 }
 
 
@@ -316,6 +316,7 @@ def _batch(args) -> None:
     out = check_output_folder(args.out)
     path, config = _model_path(args), _model_config(args)
     model = _Model(path, config, device, _dtype(args.dtype, device))
+    model.pipe.check(settings)
     out.mkdir(parents=True, exist_ok=True)
 
     def target(n: int) -> Path:

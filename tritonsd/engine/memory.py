@@ -9,13 +9,12 @@ batch B = 2N under guidance and N without, a the model dtype's size:
     context  a · B · 77 · hidden              the text conditioning, repeated per image
     text     a · T · 77 · (8·hidden + mlp)    the text encoder's activations, T = prompts (twice under guidance)
     unet     a · 48 · B · max_level(ch · px)  the UNet's activations, scaled from its largest level
-    vae      a · 6 · N·H·W · c                the VAE decoder at full resolution, c = ch · max(ch_mult[:2]), the width
-             + 4 · 3 · N · (h·w)²             of its full-resolution layers; on a CPU also its middle attention's
-                                              float32 score matrices (its q, k and v are strided views, which
-                                              sends scaled_dot_product_attention to its math path there; on CUDA
-                                              the measured peaks, 451 MiB at 512² to 1604 MiB at 1024² in the
-                                              README's Performance, grow with the pixels, not their square).
-                                              img2img's encode of one image needs less
+    vae      a · 6 · N·H·W · c                the VAE decoder at full resolution, c = ch · max(ch_mult[:2]) the
+                                              width of its full-resolution layers (img2img encodes one image: less)
+           + 4 · 3 · N · (h·w)²  on a CPU     its middle attention's float32 scores: q, k and v are strided views,
+                                              which sends scaled_dot_product_attention to its math path there (on
+                                              CUDA the peaks in the README's Performance, 451 MiB at 512² to
+                                              1604 MiB at 1024², grow with the pixels, not their square)
     images   4 · 5 · N·H·W·3                  the decoded images as floats, on the host
     noise    4 · 3 · S·N·C·h·w                a sampler that adds noise: all S steps' noise, drawn up front on the host
 
