@@ -32,6 +32,7 @@ from tritonsd.engine.config import ModelConfig
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.engine.samplers import ALPHAS_CUMPROD
 from tritonsd.engine.tokenizer import CLIPTokenizer
+from tritonsd.files import atomic_write
 from tools import shapes
 
 # 64x64 pictures, latents 4x smaller; the real CLIP vocabulary so the real tokenizer drives it; a few M parameters.
@@ -56,9 +57,8 @@ def save(model: StableDiffusion, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, write in ((path, lambda p: safetensors.torch.save_file(state, p)),
                           (path.with_suffix(".json"), lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=1)))):
-        tmp = target.with_name(f".{target.name}.tmp")
-        write(tmp)
-        os.replace(tmp, target)
+        with atomic_write(target) as tmp:
+            write(tmp)
 
 
 def pixels(images: np.ndarray) -> torch.Tensor:
