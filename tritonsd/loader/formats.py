@@ -57,6 +57,30 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None, device) -> tuple[di
         return {k: _cast(f.get_tensor(k), dtype, device) for k in f.keys()}, f.metadata() or {}
 
 
+def _load_pickle(path: Path, kind: str):
+    """What a PyTorch pickle holds, read weights-only: tensors and plain containers, never code."""
+    try:
+        # mmap leaves tensors in the file until they are used; only the zip format supports it.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(f"{path}: cannot read the pickle, it is truncated or corrupt ({e})") from None
+        raise CheckpointError(
+            f"{path}: the file contains pickled code or objects that are not plain tensors; it was not loaded, "
+            "for safety (loading it could run that code). Convert it to .safetensors with a tool you trust."
+        ) from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the PyTorch file, it is truncated or corrupt ({e})") from None
+
+
+def read_object(path: Path):
+    """A file's contents as stored: the object a PyTorch pickle holds, or a safetensors file's {name: tensor}."""
+    kind = _kind(path)
+    if kind in ("zip", "pickle"):
+        return _load_pickle(path, kind)
+    return read_file(path)[0]
+
+
 def read_file(path: Path, dtype: torch.dtype | None = None, device="cpu") -> tuple[dict, dict]:
     """One file's tensors under their stored names, and its metadata (safetensors header; {} for pickles)."""
     kind = _kind(path)
@@ -67,18 +91,7 @@ def read_file(path: Path, dtype: torch.dtype | None = None, device="cpu") -> tup
             raise CheckpointError(f"{path}: cannot read the safetensors file, it is truncated or corrupt ({e})") from None
     if kind not in ("zip", "pickle"):
         raise CheckpointError(f"{path}: not a checkpoint: it is {kind}, neither safetensors nor a PyTorch pickle")
-    try:
-        # mmap leaves tensors in the file until they are used; only the zip format supports it.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
-    except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():
-            raise CheckpointError(f"{path}: cannot read the pickle, it is truncated or corrupt ({e})") from None
-        raise CheckpointError(
-            f"{path}: the file contains pickled code or objects that are not plain tensors; it was not loaded, "
-            "for safety (loading it could run that code). Convert it to .safetensors with a tool you trust."
-        ) from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the PyTorch file, it is truncated or corrupt ({e})") from None
+    obj = _load_pickle(path, kind)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
