@@ -43,6 +43,11 @@ class GraphCache:
         graph.replay()
         return static_out
 
+    def drop(self, which: Callable[[object], bool]) -> None:
+        """Forget the graphs whose name `which` selects, as when a tensor they read (not an argument) was replaced;
+        the next call captures again."""
+        self.graphs = {key: entry for key, entry in self.graphs.items() if not which(key[0])}
+
     def _capture(self, fn: Callable, args: tuple):
         static_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
         # Eager runs first, on a side stream as capture requires: one under `precompile`, which compiles all the

@@ -15,7 +15,9 @@ from tritonsd import kernels
 from tritonsd.engine.config import ModelConfig
 from tritonsd.engine.graphs import GraphCache
 from tritonsd.engine.model import StableDiffusion
+from tritonsd.engine.prompts import PromptTokenizer, encode_chunks
 from tritonsd.engine.samplers import SamplerPlan, make_plan
+from tritonsd.engine.text_encoder import check_clip_skip
 from tritonsd.engine.tokenizer import CLIPTokenizer
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -27,6 +29,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.unet, self.vae, self.text_encoder = model.unet, model.vae, model.text_encoder
         self.config: ModelConfig = model.config
+        self.prompt_tokenizer = PromptTokenizer(tokenizer, self.config.text.vocab_size)
         # Pixels per latent: the VAE halves the size at every level but the last.
         self.vae_scale = 2 ** (len(self.config.vae.ch_mult) - 1)
         self.default_size = self.config.unet.sample_size * self.vae_scale
@@ -57,8 +60,31 @@ class Pipeline:
         return self.unet.out[2].weight.dtype
 
     @torch.inference_mode()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        return self._run("text", self.text_encoder, self.tokenizer(prompts).to(self.device)).clone()
+    def encode_prompt(self, prompt: str | list[str], clip_skip: int = 1) -> torch.Tensor:
+        """What the UNet attends to: [B, 77 * n, hidden] in the model dtype, for prompts in AUTOMATIC1111's syntax
+        (tritonsd.engine.prompts), n the most chunks any of them takes; shorter prompts end in the empty prompt's
+        chunk."""
+        texts, _ = _prompt_lists(prompt, "")
+        check_clip_skip(clip_skip, self.config.text.num_hidden_layers)
+        batch = [self.prompt_tokenizer.chunks(text) for text in texts]
+        return encode_chunks(
+            batch, self.prompt_tokenizer.empty,
+            lambda ids: self._run("text", self.text_encoder, ids.to(self.device), clip_skip),
+        )
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Read a textual-inversion embedding (A1111's .pt or .safetensors, diffusers' learned_embeds) and return the
+        word that names it in prompts: `token`, or else the file's name without its suffix."""
+        from tritonsd.loader.embeddings import read_embedding
+
+        vectors = read_embedding(path, self.config.text.hidden_size)
+        name = Path(path).stem if token is None else token
+        self.prompt_tokenizer.add_embedding(name, vectors)
+        self.text_encoder.embeddings.extra = self.prompt_tokenizer.table.to(self.device, self.dtype)
+        if self._graphs is not None:
+            # The captured text-encoder graphs read the table that was just replaced.
+            self._graphs.drop(lambda graph: graph[0] == "text")
+        return name
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -83,7 +109,7 @@ class Pipeline:
     def txt2img(
         self, prompt: str | list[str], negative_prompt: str | list[str] = "", steps: int = 30, guidance_scale: float = 7.5,
         sampler: str = "euler", seed: int | None = None, width: int | None = None, height: int | None = None,
-        batch_size: int = 1, output_type: str = "pil", progress: bool = False,
+        batch_size: int = 1, output_type: str = "pil", progress: bool = False, clip_skip: int = 1,
     ):
         """width and height default to the size the model was trained at (512 for SD1.x)."""
         prompts, negatives = _prompt_lists(prompt, negative_prompt)
@@ -95,7 +121,7 @@ class Pipeline:
         _check_common(batch_size, guidance_scale, output_type)
         plan = make_plan(sampler, steps)
         generator = _generator(seed)
-        context = self._context(prompts, negatives, batch_size, guidance_scale)
+        context = self._context(prompts, negatives, batch_size, guidance_scale, clip_skip)
         shape = (len(prompts) * batch_size, self.config.unet.in_channels, height // self.vae_scale, width // self.vae_scale)
         latents = torch.randn(shape, generator=generator, dtype=torch.float32) * plan.init_scale
         latents = self._denoise(latents.to(self.device), context, plan, guidance_scale, generator, progress)
@@ -105,14 +131,14 @@ class Pipeline:
     def img2img(
         self, image, prompt: str | list[str], strength: float = 0.8, negative_prompt: str | list[str] = "", steps: int = 30,
         guidance_scale: float = 7.5, sampler: str = "euler", seed: int | None = None, batch_size: int = 1,
-        output_type: str = "pil", progress: bool = False,
+        output_type: str = "pil", progress: bool = False, clip_skip: int = 1,
     ):
         prompts, negatives = _prompt_lists(prompt, negative_prompt)
         _check_common(batch_size, guidance_scale, output_type)
         plan = make_plan(sampler, steps, strength)
         pixels = _image_tensor(image, self.vae_scale).to(self.device, self.dtype)
         generator = _generator(seed)
-        context = self._context(prompts, negatives, batch_size, guidance_scale)
+        context = self._context(prompts, negatives, batch_size, guidance_scale, clip_skip)
         mean, logvar = self.vae.encode(pixels)
         sample = mean.float() + torch.exp(0.5 * logvar.float()) * torch.randn(mean.shape, generator=generator).to(self.device)
         init = (self.vae.scaling_factor * sample).repeat(len(prompts) * batch_size, 1, 1, 1)
@@ -121,9 +147,11 @@ class Pipeline:
         latents = self._denoise(p * init + q * noise, context, plan, guidance_scale, generator, progress)
         return self._output(latents, output_type)
 
-    def _context(self, prompts: list[str], negatives: list[str], batch_size: int, guidance_scale: float) -> torch.Tensor:
+    def _context(
+        self, prompts: list[str], negatives: list[str], batch_size: int, guidance_scale: float, clip_skip: int,
+    ) -> torch.Tensor:
         texts = negatives + prompts if guidance_scale > 1.0 else prompts
-        return self.encode_prompt(texts).repeat_interleave(batch_size, dim=0)
+        return self.encode_prompt(texts, clip_skip).repeat_interleave(batch_size, dim=0)
 
     def _denoise(
         self, latents: torch.Tensor, context: torch.Tensor, plan: SamplerPlan, guidance_scale: float,
