@@ -143,3 +143,116 @@ def test_img2img_matches_diffusers(ours, theirs, sampler, strength):
     assert got.shape == want.shape, f"image batch shape {got.shape} != diffusers' {want.shape}"
     value = psnr(got, want)
     assert value >= 40.0, f"img2img {sampler} strength={strength}: PSNR {value:.1f} dB against diffusers < 40 dB"
+
+
+# Conditioning: encode_prompt against diffusers' encode_prompt and a construction from A1111's definitions on
+# transformers' CLIPTextModel.
+
+def hf_hidden(theirs, ids: list[list[int]], clip_skip: int = 1) -> torch.Tensor:
+    """transformers' CLIPTextModel; clip skip n takes the hidden states n from the end and the final layer norm."""
+    text = theirs["text_encoder"]
+    with torch.no_grad():
+        out = text(torch.tensor(ids), output_hidden_states=True)
+        if clip_skip == 1:
+            return out.last_hidden_state
+        return getattr(text, "text_model", text).final_layer_norm(out.hidden_states[-clip_skip])
+
+
+def reference_conditioning(theirs, pieces: list[tuple[str, float]], chunks: int, clip_skip: int = 1) -> torch.Tensor:
+    """A1111's conditioning, written from its definitions: each piece tokenized alone, the tokens cut into chunks of
+    75 (the pieces here have no commas and no BREAK), each chunk BOS + tokens + EOS padding, encoded alone, scaled by
+    the token weights and rescaled to its unweighted mean (float64); `chunks` chunks in all, the missing ones the
+    empty prompt's."""
+    tokenizer = theirs["tokenizer"]
+    tokens = [(t, w) for text, w in pieces for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    out = []
+    for i in range(chunks):
+        part = tokens[75 * i:75 * (i + 1)]
+        pad = 75 - len(part)
+        ids = [tokenizer.bos_token_id, *[t for t, _ in part], *[tokenizer.eos_token_id] * (pad + 1)]
+        weights = torch.tensor([1.0, *[w for _, w in part], *[1.0] * (pad + 1)], dtype=torch.float64)[:, None]
+        z = hf_hidden(theirs, [ids], clip_skip)[0].double()
+        out.append(z * weights * (z.mean() / (z * weights).mean()))
+    return torch.cat(out)[None]
+
+
+LONG_PIECES = [("masterpiece", 1.2), (" ".join(["a lighthouse on a cliff above the stormy sea at dusk"] * 8), 1.0),
+               ("glowing windows", 1.1 * 1.1), ("fog", 1 / 1.1)]
+LONG_PROMPT = "(masterpiece:1.2) " + LONG_PIECES[1][0] + " ((glowing windows)) [fog]"
+NEGATIVE_PIECES = [("blurry ", 1.0), ("lowres", 1.3)]
+NEGATIVE_PROMPT = "blurry (lowres:1.3)"
+
+
+def test_plain_prompts_condition_as_diffusers_encode_prompt(ours, theirs):
+    prompt, negative = "a photograph of an astronaut riding a horse", "blurry, low quality"
+    want, want_negative = diffusers_pipeline(theirs, "euler", img2img=False).encode_prompt(
+        prompt, "cpu", 1, True, negative_prompt=negative)
+    got = ours.encode_prompt([negative, prompt])
+    assert got.shape == (2, 77, TINY.text.hidden_size), got.shape
+    for name, g, w in (("prompt", got[1:], want), ("negative prompt", got[:1], want_negative)):
+        assert rel_err(g, w) <= 1e-6, f"{name}: rel err {rel_err(g, w):.2e} against diffusers' encode_prompt"
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_long_weighted_prompts_condition_as_a1111_defines(ours, theirs, clip_skip):
+    """Prompt of 2 chunks, negative of 1 padded with the empty prompt's chunk."""
+    got = ours.encode_prompt([LONG_PROMPT, NEGATIVE_PROMPT], clip_skip=clip_skip)
+    assert got.shape == (2, 154, TINY.text.hidden_size), got.shape
+    for row, pieces in enumerate((LONG_PIECES, NEGATIVE_PIECES)):
+        want = reference_conditioning(theirs, pieces, chunks=2, clip_skip=clip_skip)
+        err = rel_err(got[row:row + 1], want)
+        assert err <= 1e-5, f"clip_skip {clip_skip}, prompt {row}: rel err {err:.2e} against the A1111 construction"
+
+
+def test_clip_skip_2_is_the_penultimate_layer_normalised(ours, theirs):
+    ids = ours.tokenizer(["a red circle on a blue background"])
+    want = hf_hidden(theirs, ids.tolist(), clip_skip=2)
+    got = ours.encode_prompt("a red circle on a blue background", clip_skip=2)
+    assert rel_err(got, want) <= 1e-6, f"rel err {rel_err(got, want):.2e}"
+    assert rel_err(ours.encode_prompt("a red circle on a blue background"), want) > 1e-2, "clip skip changed nothing"
+
+
+def write_embedding(path, fmt: str, vectors: torch.Tensor) -> None:
+    if fmt == "a1111-pt":
+        torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "x", "step": 10}, path)
+    elif fmt == "a1111-safetensors":
+        import safetensors.torch
+
+        safetensors.torch.save_file({"emb_params": vectors}, path)
+    else:
+        torch.save({"<x>": vectors[0]}, path)
+
+
+@pytest.mark.parametrize("fmt, suffix, n", [("a1111-pt", ".pt", 3), ("a1111-safetensors", ".safetensors", 2),
+                                            ("diffusers", ".bin", 1)])
+def test_textual_inversion_conditions_as_diffusers(checkpoints, fmt, suffix, n, tmp_path):
+    single, folder = checkpoints
+    path = tmp_path / f"tsdtest{suffix}"
+    write_embedding(path, fmt, torch.randn(n, TINY.text.hidden_size, generator=torch.Generator().manual_seed(5)))
+    text_encoder = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77)
+    pipe = diffusers.StableDiffusionPipeline(
+        unet=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=None, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.load_textual_inversion(str(path), token="tsdtest")
+    prompt = "a tsdtest on a blue background"
+    want, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    ours = Pipeline.from_checkpoint(single, config=TINY)
+    assert ours.load_textual_inversion(path) == "tsdtest"
+    got = ours.encode_prompt(prompt)
+    assert rel_err(got, want) <= 1e-6, f"{fmt}: rel err {rel_err(got, want):.2e} against diffusers"
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_long_weighted_prompt_image_matches_diffusers_given_our_conditioning(ours, theirs, sampler):
+    """diffusers' pipeline given our conditioning as prompt_embeds draws our image: the UNet attends to all
+    154 keys and the negative prompt's padding as diffusers' does."""
+    context = ours.encode_prompt([NEGATIVE_PROMPT, LONG_PROMPT])
+    want = diffusers_pipeline(theirs, sampler, img2img=False)(
+        prompt_embeds=context[1:], negative_prompt_embeds=context[:1], num_inference_steps=3, guidance_scale=7.5,
+        height=32, width=32, output_type="np", generator=torch.Generator("cpu").manual_seed(3),
+    ).images
+    got = ours.txt2img(LONG_PROMPT, negative_prompt=NEGATIVE_PROMPT, steps=3, sampler=sampler, seed=3, width=32,
+                       height=32, output_type="np")
+    value = psnr(got, want)
+    assert value >= 40.0, f"{sampler}: PSNR {value:.1f} dB against diffusers with our conditioning < 40 dB"
