@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from tritonsd import kernels
 from tritonsd import loader
@@ -82,7 +82,7 @@ def test_parameters_read_an_a1111_png_text():
     assert parse_parameters(text) == {
         "prompt": "a castle on a hill, masterpiece\nwide shot", "negative_prompt": "lowres, bad anatomy",
         "steps": 20, "sampler": "dpmpp_2m_karras", "cfg": 7.0, "seed": 3551390545, "width": 512, "height": 768,
-        "model_hash": "6ce0161689", "model": "v1-5-pruned-emaonly", "strength": 0.7, "Clip skip": "2",
+        "model_hash": "6ce0161689", "model": "v1-5-pruned-emaonly", "strength": 0.7, "clip_skip": 2,
         "Lora hashes": "a: 1, b: 2",
     }
 
@@ -323,6 +323,76 @@ def test_interrupt_while_writing_leaves_no_partial_file(capsys, model, tmp_path,
     assert list(tmp_path.iterdir()) == [], f"left {[p.name for p in tmp_path.iterdir()]}"
 
 
+LONG_PROMPT = "(masterpiece:1.2), a lighthouse on a cliff, " + ", ".join(["[stormy] sea at dusk"] * 20) + " BREAK fog"
+
+
+def test_from_png_reproduces_the_image_and_options_override_it(capsys, model, tmp_path):
+    first = tmp_path / "first.png"
+    cli(capsys, "txt2img", LONG_PROMPT, "--negative-prompt", "(blurry:1.3)", "--clip-skip", 2, "--sampler", "euler_a",
+        "--cfg", 6, "--seed", 21, "--model", model, "-o", first, *FAST)
+    assert "Clip skip: 2" in parameters(first), parameters(first)
+    again = tmp_path / "again.png"
+    cli(capsys, "txt2img", "--from-png", first, "--model", model, "-o", again, "--device", "cpu")
+    assert parameters(again) == parameters(first), "replaying a PNG should record the same settings"
+    assert np.array_equal(pixels(again), pixels(first)), "replaying a PNG drew another image"
+    other = tmp_path / "other.png"
+    cli(capsys, "txt2img", "--from-png", first, "--seed", 22, "--clip-skip", 1, "--model", model, "-o", other,
+        "--device", "cpu")
+    settings = parse_parameters(parameters(other))
+    assert (settings["seed"], settings.get("clip_skip", 1), settings["prompt"]) == (22, 1, LONG_PROMPT), settings
+    assert not np.array_equal(pixels(other), pixels(first))
+
+
+def test_from_png_says_what_it_does_not_reproduce(capsys, model, tmp_path):
+    source = tmp_path / "a1111.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cube\nSteps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 7, Seed: 5, "
+                                "Size: 32x32, Model hash: 0123456789, Model: other, Hires upscale: 2")
+    Image.new("RGB", (32, 32)).save(source, pnginfo=info)
+    _, stderr = cli(capsys, "txt2img", "--from-png", source, "--model", model, "-o", tmp_path / "b.png", "--device", "cpu")
+    assert "settings tritonsd does not apply: Schedule type, Hires upscale" in stderr, stderr
+    assert "was made with model other (hash 0123456789)" in stderr, stderr
+
+
+def test_clip_skip_changes_the_image(capsys, model, tmp_path):
+    for skip in (1, 2):
+        cli(capsys, "txt2img", "a lighthouse", "--clip-skip", skip, "--seed", 1, "--model", model,
+            "-o", tmp_path / f"{skip}.png", *FAST)
+    assert "Clip skip" not in parameters(tmp_path / "1.png"), "clip skip 1 is the default; A1111 leaves it out"
+    assert parse_parameters(parameters(tmp_path / "2.png"))["clip_skip"] == 2
+    assert not np.array_equal(pixels(tmp_path / "1.png"), pixels(tmp_path / "2.png"))
+
+
+def test_embeddings_folder_names_its_files_in_prompts(capsys, model, tmp_path):
+    """tsdblue.pt holds the token vector of "blue"; a file for another model and a text file are skipped."""
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    pipe = Pipeline.from_checkpoint(model)
+    blue, = pipe.tokenizer.encode("blue")
+    vector = pipe.text_encoder.embeddings.token_embedding.weight[blue][None].clone()
+    torch.save({"string_to_param": {"*": vector}, "name": "tsdblue"}, folder / "tsdblue.pt")
+    safetensors.torch.save_file({"emb_params": torch.zeros(2, 768)}, folder / "sd15only.safetensors")
+    (folder / "notes.txt").write_text("not an embedding")
+    _, stderr = cli(capsys, "txt2img", "a tsdblue cube", "--embeddings", folder, "--seed", 4, "--model", model,
+                    "-o", tmp_path / "embedded.png", "--verbose", *FAST)
+    warnings = [line for line in stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "sd15only.safetensors: embedding vectors of size 768" in warnings[0], stderr
+    assert "prompt: 3 tokens in 1 chunk(s) of 75" in stderr, stderr
+    cli(capsys, "txt2img", "a blue cube", "--seed", 4, "--model", model, "-o", tmp_path / "plain.png", *FAST)
+    assert np.array_equal(pixels(tmp_path / "embedded.png"), pixels(tmp_path / "plain.png")), (
+        "'tsdblue' should draw what 'blue' draws"
+    )
+
+
+def test_verbose_counts_the_tokens_of_long_prompts(capsys, model, tmp_path):
+    _, stderr = cli(capsys, "txt2img", LONG_PROMPT, "--negative-prompt", "blurry", "--seed", 1, "--model", model,
+                    "-o", tmp_path / "a.png", "--verbose", *FAST)
+    # masterpiece (1), ", a lighthouse on a cliff ," (7), 20 times "stormy sea at dusk" (4) with 19 commas, then
+    # BREAK and fog (1): the first 107 tokens fill two chunks, fog has a third.
+    assert "prompt: 108 tokens in 3 chunk(s) of 75" in stderr, stderr
+    assert "negative prompt: 1 tokens in 1 chunk(s) of 75" in stderr, stderr
+
+
 TXT2IMG = ["txt2img", "a cube", "--model", "{model}", "-o", "{out}/a.png"]
 IMG2IMG = ["img2img", "{image}", "a cube", "--model", "{model}", "-o", "{out}/a.png"]
 BAD_INPUT = [
@@ -355,6 +425,17 @@ BAD_INPUT = [
     ("convert to unknown dtype", ["convert", "{model}", "{out}/x.safetensors", "--dtype", "fp8"], "invalid choice: 'fp8'"),
     ("info on missing file", ["info", "{tmp}/none.safetensors"], "no such file or folder"),
     ("no command", [], "the following arguments are required: COMMAND"),
+    ("clip skip zero", [*TXT2IMG, "--clip-skip", "0"], "clip_skip must be an integer >= 1 (1 = the last layer), got 0"),
+    ("clip skip past the layers", [*TXT2IMG, "--clip-skip", "3"], "clip_skip 3 is past the text encoder's first layer: it has 2 layers"),
+    ("embeddings folder missing", [*TXT2IMG, "--embeddings", "{tmp}/none"], "--embeddings {tmp}/none is not a folder"),
+    ("no prompt", ["txt2img", "--model", "{model}", "-o", "{out}/a.png"], "txt2img needs a PROMPT, or --from-png"),
+    ("from-png missing", ["txt2img", "--from-png", "{tmp}/none.png", "-o", "{out}/a.png"], "cannot read --from-png"),
+    ("from-png without parameters", ["txt2img", "--from-png", "{image}", "-o", "{out}/a.png"], "has no 'parameters' text chunk"),
+    ("from-png on a text file", ["txt2img", "--from-png", "{text}", "-o", "{out}/a.png"], "cannot read --from-png"),
+    ("weight not a number", ["txt2img", "(a cube:1.2.3)", "--model", "{tmp}/none.safetensors", "-o", "{out}/a.png"],
+     "prompt weight '1.2.3'"),
+    ("weight not a number in a batch", ["batch", "{bad_weights}", "--out", "{out}", "--model", "{tmp}/none.safetensors"],
+     "bad_weights.txt line 2: prompt weight '..'"),
 ]
 
 
@@ -364,10 +445,12 @@ def bad_files(tmp_path, model, foreign) -> dict[str, str]:
     (tmp_path / "notes.txt").write_text("not an image, not weights\n")
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "prompts.txt").write_text("a cube\n")
+    (tmp_path / "bad_weights.txt").write_text("a cube\n(a sphere:..)\n")
     Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
     return dict(tmp=str(tmp_path), out=str(tmp_path / "out"), model=str(model), foreign=str(foreign),
                 text=str(tmp_path / "notes.txt"), empty=str(tmp_path / "empty.txt"),
-                prompts=str(tmp_path / "prompts.txt"), image=str(tmp_path / "in.png"))
+                prompts=str(tmp_path / "prompts.txt"), image=str(tmp_path / "in.png"),
+                bad_weights=str(tmp_path / "bad_weights.txt"))
 
 
 @pytest.mark.parametrize("argv, message", [case[1:] for case in BAD_INPUT], ids=[case[0] for case in BAD_INPUT])

@@ -22,8 +22,11 @@ from tqdm.auto import tqdm
 from tritonsd import loader
 from tritonsd.engine.config import ModelConfig
 from tritonsd.engine.pipeline import Pipeline
+from tritonsd.engine.prompts import parse_attention
 from tritonsd.engine.samplers import SAMPLERS, make_plan
-from tritonsd.pngmeta import format_parameters, model_hash
+from tritonsd.engine.text_encoder import check_clip_skip
+from tritonsd.loader.embeddings import SUFFIXES as EMBEDDING_SUFFIXES
+from tritonsd.pngmeta import format_parameters, model_hash, parse_parameters
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -73,6 +76,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_generation_options(p: argparse.ArgumentParser, size: bool, files: bool) -> None:
     """files: one run writing -o OUT.png (a random seed by default), else a batch run with seed 0 by default."""
     p.add_argument("--negative-prompt", default="", metavar="TEXT", help="what the image should not show")
+    p.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                   help="stop the text encoder N - 1 layers before its last (default: 1, all layers)")
+    p.add_argument("--embeddings", metavar="DIR",
+                   help=f"load every textual-inversion embedding ({', '.join(EMBEDDING_SUFFIXES)}) in DIR; "
+                        "a file's name without its suffix names it in prompts")
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     p.add_argument("--sampler", choices=SAMPLERS, default="euler", metavar="NAME",
@@ -90,16 +98,23 @@ def _add_generation_options(p: argparse.ArgumentParser, size: bool, files: bool)
                        help="where to write; with --batch N, OUT-0.png ... OUT-{N-1}.png (default: output.png)")
     _add_model_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print each prompt's token and chunk counts")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(png: dict | None = None) -> argparse.ArgumentParser:
+    """png: the settings of a --from-png picture, which become txt2img's defaults."""
     parser = _Parser(prog="tritonsd", description="Stable Diffusion 1.x inference with Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("txt2img", help="generate images from a prompt")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", help="required unless --from-png gives it")
+    p.add_argument("--from-png", metavar="IMAGE.png",
+                   help="take the prompt and settings from a PNG's parameters (tritonsd's or AUTOMATIC1111's); "
+                        "options given here override them")
     _add_generation_options(p, size=True, files=True)
-    p.set_defaults(run=_txt2img)
+    p.set_defaults(run=_txt2img, png=None)
+    if png:
+        p.set_defaults(**png)
 
     p = sub.add_parser("img2img", help="redraw an image from a prompt")
     p.add_argument("image")
@@ -130,7 +145,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        png = _png_defaults(argv)
+    except ValueError as e:
+        _fail(str(e))
+    args = _parser(png).parse_args(argv)
     try:
         args.run(args)
     except ValueError as e:
@@ -144,9 +164,44 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130)
 
 
+# --from-png: what a `parameters` chunk sets, as txt2img's option names.
+_PNG_OPTIONS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler",
+                "cfg": "cfg", "seed": "seed", "width": "width", "height": "height", "clip_skip": "clip_skip",
+                "batch_size": "batch"}
+_PNG_NOTED = ("model", "model_hash", "batch_pos")  # compared or reported, not applied
+
+
+def _png_defaults(argv: list[str]) -> dict:
+    """For `txt2img --from-png IMAGE.png`: the picture's settings under txt2img's option names, so that options
+    given on the command line override them; {} otherwise."""
+    if not argv or argv[0] != "txt2img":
+        return {}
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--from-png")
+    path = pre.parse_known_args(argv[1:])[0].from_png
+    if path is None:
+        return {}
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get("parameters")
+    except OSError as e:
+        raise ValueError(f"cannot read --from-png {path}: {e}") from None
+    if text is None:
+        raise ValueError(f"--from-png {path} has no 'parameters' text chunk to take settings from")
+    try:
+        settings = parse_parameters(text)
+    except ValueError as e:
+        raise ValueError(f"--from-png {path}: cannot read its parameters ({e})") from None
+    return {_PNG_OPTIONS[k]: v for k, v in settings.items() if k in _PNG_OPTIONS} | {"png": (path, settings)}
+
+
 def _check_generation(args, strength: float | None = None) -> int:
     """Every setting a run needs, checked before the model loads. Returns the denoising steps the run takes."""
     plan = make_plan(args.sampler, args.steps, 1.0 if strength is None else strength)
+    check_clip_skip(args.clip_skip)
+    for text in (getattr(args, "prompt", None), args.negative_prompt):
+        if text is not None:
+            parse_attention(text)  # a malformed weight is an error worth finding before the model loads
     if not math.isfinite(args.cfg):
         raise ValueError(f"--cfg must be a finite number, got {args.cfg}")
     if args.seed is not None and not 0 <= args.seed < 2**63:
@@ -157,6 +212,8 @@ def _check_generation(args, strength: float | None = None) -> int:
             raise ValueError(f"--{name} must be a positive multiple of 8, got {size}")
     if getattr(args, "batch", 1) < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    if args.embeddings is not None and not Path(args.embeddings).is_dir():
+        raise ValueError(f"--embeddings {args.embeddings} is not a folder")
     return len(plan.timesteps)
 
 
@@ -184,12 +241,31 @@ def _dtype(name: str, device: str) -> torch.dtype:
 class _Model:
     """A loaded pipeline with the name and hash its images record."""
 
-    def __init__(self, path: Path, config: ModelConfig | None, device: str, dtype: torch.dtype):
+    def __init__(self, path: Path, config: ModelConfig | None, device: str, dtype: torch.dtype,
+                 embeddings: str | None = None):
         start = time.perf_counter()
         self.pipe = Pipeline.from_checkpoint(path, device=device, dtype=dtype, config=config)
+        if embeddings is not None:
+            self._load_embeddings(Path(embeddings))
         self.load_seconds = time.perf_counter() - start
         self.name = path.stem if path.is_file() else path.name
         self.hash = model_hash(path)
+
+    def _load_embeddings(self, folder: Path) -> None:
+        """Every embedding file in the folder, as A1111 reads its embeddings/ folder: one that does not fit this
+        model (another model family's, an unknown format) is skipped with a warning."""
+        for file in sorted(f for f in folder.iterdir() if f.suffix.lower() in EMBEDDING_SUFFIXES and f.is_file()):
+            try:
+                self.pipe.load_textual_inversion(file)
+            except ValueError as e:
+                _say(f"tritonsd: warning: skipped embedding {e}", sys.stderr)
+
+    def describe_prompts(self, prompts: list[tuple[str, str]]) -> None:
+        """For --verbose: each prompt's token and chunk counts."""
+        for what, text in prompts:
+            chunks = self.pipe.prompt_tokenizer.chunks(text)
+            _say(f"{what}: {sum(c.length for c in chunks)} tokens in {len(chunks)} chunk(s) of "
+                 f"{self.pipe.prompt_tokenizer.room}", sys.stderr)
 
     def summary(self, what: str, steps: int, seconds: float) -> str:
         dtype = DTYPE_NAMES.get(self.pipe.dtype, str(self.pipe.dtype))
@@ -224,6 +300,8 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def _txt2img(args) -> None:
+    if args.prompt is None:
+        raise ValueError("txt2img needs a PROMPT, or --from-png IMAGE.png to take one from")
     _generate(args, lambda pipe, **kw: pipe.txt2img(args.prompt, width=args.width, height=args.height, **kw))
 
 
@@ -244,25 +322,43 @@ def _generate(args, run, strength: float | None = None) -> None:
     _check_output(output)
     paths = [output] if args.batch == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(args.batch)]
     path, config = _model_path(args), _model_config(args)
-    model = _Model(path, config, args.device, _dtype(args.dtype, args.device))
+    model = _Model(path, config, args.device, _dtype(args.dtype, args.device), args.embeddings)
     seed = random.randrange(2**32) if args.seed is None else args.seed
+    if getattr(args, "png", None):
+        _note_png(args, model, paths)
+    if args.verbose:
+        model.describe_prompts([("prompt", args.prompt), ("negative prompt", args.negative_prompt)])
 
     start = time.perf_counter()
     images = run(
         model.pipe, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.cfg,
-        sampler=args.sampler, seed=seed, batch_size=args.batch, progress=_progress(args),
+        sampler=args.sampler, seed=seed, batch_size=args.batch, progress=_progress(args), clip_skip=args.clip_skip,
     )
     seconds = time.perf_counter() - start
     for i, (image, out) in enumerate(zip(images, paths)):
         parameters = format_parameters(
             args.prompt, args.negative_prompt, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=seed,
             width=image.width, height=image.height, model_hash=model.hash, model=model.name, strength=strength,
-            batch_size=args.batch, batch_pos=i,
+            clip_skip=args.clip_skip, batch_size=args.batch, batch_pos=i,
         )
         _save_png(image, out, parameters)
         _say(out)
     if not args.quiet:
         _say(f"seed {seed}: " + model.summary(f"{len(images)} image(s), {steps} steps", steps, seconds), sys.stderr)
+
+
+def _note_png(args, model: _Model, paths: list[Path]) -> None:
+    """What of a --from-png picture's settings this run does not reproduce, on stderr."""
+    path, settings = args.png
+    ignored = [k for k in settings if k not in _PNG_OPTIONS and k not in _PNG_NOTED]
+    if ignored:
+        _say(f"tritonsd: warning: {path}: settings tritonsd does not apply: {', '.join(ignored)}", sys.stderr)
+    if settings.get("model_hash", model.hash) != model.hash:
+        _say(f"tritonsd: warning: {path} was made with model {settings.get('model', '?')} (hash "
+             f"{settings['model_hash']}); this is {model.name} (hash {model.hash})", sys.stderr)
+    pos = settings.get("batch_pos", 0)
+    if args.batch == settings.get("batch_size", 1) > 1 and pos < len(paths):
+        _say(f"tritonsd: {path} was image {pos} of a batch of {args.batch}: {paths[pos]}", sys.stderr)
 
 
 def _read_prompts(path: str) -> list[tuple[int, str]]:
@@ -280,6 +376,11 @@ def _read_prompts(path: str) -> list[tuple[int, str]]:
 def _batch(args) -> None:
     steps = _check_generation(args)
     prompts = _read_prompts(args.prompts)
+    for n, prompt in prompts:
+        try:
+            parse_attention(prompt)
+        except ValueError as e:
+            raise ValueError(f"{args.prompts} line {n}: {e}") from None
     if args.seed + prompts[-1][0] >= 2**63:
         raise ValueError(f"--seed {args.seed} plus the line count passes 2**63")
     out = Path(args.out)
@@ -291,7 +392,7 @@ def _batch(args) -> None:
     device = args.device
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    model = _Model(path, config, device, _dtype(args.dtype, device))
+    model = _Model(path, config, device, _dtype(args.dtype, device), args.embeddings)
     out.mkdir(parents=True, exist_ok=True)
 
     def target(n: int) -> Path:
@@ -309,13 +410,16 @@ def _batch(args) -> None:
         start = time.perf_counter()
         mine = pending[rank::world]
         for n, prompt in tqdm(mine, disable=not _progress(args) or rank != 0, desc="batch", unit="image"):
+            if args.verbose:
+                model.describe_prompts([(f"line {n}", prompt)])
             image = model.pipe.txt2img(
                 prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,
-                seed=args.seed + n, width=args.width, height=args.height,
+                seed=args.seed + n, width=args.width, height=args.height, clip_skip=args.clip_skip,
             )[0]
             parameters = format_parameters(
                 prompt, args.negative_prompt, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=args.seed + n,
                 width=image.width, height=image.height, model_hash=model.hash, model=model.name,
+                clip_skip=args.clip_skip,
             )
             _save_png(image, target(n), parameters)
             with tqdm.external_write_mode(file=sys.stdout):  # the bar steps aside for the line
