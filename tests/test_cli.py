@@ -330,7 +330,7 @@ def test_from_png_reproduces_the_image_and_options_override_it(capsys, model, tm
     first = tmp_path / "first.png"
     cli(capsys, "txt2img", LONG_PROMPT, "--negative-prompt", "(blurry:1.3)", "--clip-skip", 2, "--sampler", "euler_a",
         "--cfg", 6, "--seed", 21, "--model", model, "-o", first, *FAST)
-    assert "Clip skip: 2" in parameters(first), parameters(first)
+    assert "Clip skip: 2, Pad conds: True" in parameters(first), "3 chunks against 1 should record the padding"
     again = tmp_path / "again.png"
     cli(capsys, "txt2img", "--from-png", first, "--model", model, "-o", again, "--device", "cpu")
     assert parameters(again) == parameters(first), "replaying a PNG should record the same settings"

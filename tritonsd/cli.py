@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
 _PNG_OPTIONS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler",
                 "cfg": "cfg", "seed": "seed", "width": "width", "height": "height", "clip_skip": "clip_skip",
                 "batch_size": "batch"}
-_PNG_NOTED = ("model", "model_hash", "batch_pos")  # compared or reported, not applied
+_PNG_NOTED = ("model", "model_hash", "batch_pos", "pad_conds")  # compared, reported or always so
 
 
 def _png_defaults(argv: list[str]) -> dict:
@@ -260,6 +260,11 @@ class _Model:
             except ValueError as e:
                 _say(f"tritonsd: warning: skipped embedding {e}", sys.stderr)
 
+    def pads_conds(self, prompt: str, negative_prompt: str, cfg: float) -> bool:
+        """Whether the guided run pads the prompt or the negative prompt to the other's chunk count."""
+        chunks = self.pipe.prompt_tokenizer.chunks
+        return cfg > 1.0 and len(chunks(prompt)) != len(chunks(negative_prompt))
+
     def describe_prompts(self, prompts: list[tuple[str, str]]) -> None:
         """For --verbose: each prompt's token and chunk counts."""
         for what, text in prompts:
@@ -339,7 +344,8 @@ def _generate(args, run, strength: float | None = None) -> None:
         parameters = format_parameters(
             args.prompt, args.negative_prompt, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=seed,
             width=image.width, height=image.height, model_hash=model.hash, model=model.name, strength=strength,
-            clip_skip=args.clip_skip, batch_size=args.batch, batch_pos=i,
+            clip_skip=args.clip_skip, pad_conds=model.pads_conds(args.prompt, args.negative_prompt, args.cfg),
+            batch_size=args.batch, batch_pos=i,
         )
         _save_png(image, out, parameters)
         _say(out)
@@ -419,7 +425,7 @@ def _batch(args) -> None:
             parameters = format_parameters(
                 prompt, args.negative_prompt, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=args.seed + n,
                 width=image.width, height=image.height, model_hash=model.hash, model=model.name,
-                clip_skip=args.clip_skip,
+                clip_skip=args.clip_skip, pad_conds=model.pads_conds(prompt, args.negative_prompt, args.cfg),
             )
             _save_png(image, target(n), parameters)
             with tqdm.external_write_mode(file=sys.stdout):  # the bar steps aside for the line

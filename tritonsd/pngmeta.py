@@ -45,9 +45,11 @@ def model_hash(path: str | Path) -> str:
 
 def format_parameters(
     prompt: str, negative_prompt: str, *, steps: int, sampler: str, cfg: float, seed: int, width: int, height: int,
-    model_hash: str, model: str, strength: float | None = None, clip_skip: int = 1, batch_size: int = 1,
-    batch_pos: int = 0,
+    model_hash: str, model: str, strength: float | None = None, clip_skip: int = 1, pad_conds: bool = False,
+    batch_size: int = 1, batch_pos: int = 0,
 ) -> str:
+    """pad_conds: the prompt and negative prompt took different chunk counts and the shorter was padded with the
+    empty prompt's chunk (tritonsd always pads; A1111 does with this field, its "Pad prompt/negative prompt")."""
     fields = {
         "Steps": steps,
         "Sampler": SAMPLER_NAMES[sampler],
@@ -61,6 +63,8 @@ def format_parameters(
         fields["Denoising strength"] = _number(strength)
     if clip_skip > 1:  # A1111 writes it only when it is not the default
         fields["Clip skip"] = clip_skip
+    if pad_conds:
+        fields["Pad conds"] = True
     # One seed draws the whole batch, so an image is reproduced by its batch size and position, not by seed + i.
     if batch_size > 1:
         fields["Batch size"] = batch_size
@@ -74,7 +78,8 @@ def format_parameters(
 
 def parse_parameters(text: str) -> dict:
     """The settings back from a `parameters` chunk: prompt, negative_prompt, steps, sampler (our id when known),
-    cfg, seed, width, height, model_hash, model, and strength, clip_skip, batch_size, batch_pos when present.
+    cfg, seed, width, height, model_hash, model, and strength, clip_skip, pad_conds, batch_size, batch_pos when
+    present.
     Fields this project does not write are kept under their A1111 names."""
     lines = text.strip("\n").split("\n")
     fields = {}
@@ -90,8 +95,8 @@ def parse_parameters(text: str) -> dict:
     typed = {
         "Steps": ("steps", int), "Sampler": ("sampler", lambda v: _SAMPLER_IDS.get(v, v)), "CFG scale": ("cfg", float),
         "Seed": ("seed", int), "Model hash": ("model_hash", str), "Model": ("model", str),
-        "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int), "Batch size": ("batch_size", int),
-        "Batch pos": ("batch_pos", int),
+        "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
+        "Pad conds": ("pad_conds", lambda v: v == "True"), "Batch size": ("batch_size", int), "Batch pos": ("batch_pos", int),
     }
     for key, value in fields.items():
         if key == "Size":
