@@ -121,7 +121,6 @@ class Chunk:
 
 @dataclass(frozen=True)
 class _Embedding:
-    name: str
     first_id: int  # its vectors are ids first_id ... first_id + count - 1, past the vocabulary
     count: int
 
@@ -152,20 +151,19 @@ class PromptTokenizer:
             raise ValueError(f"embedding name {name!r} has no tokens to find in a prompt")
         if not 1 <= len(vectors) <= self.room:
             raise ValueError(f"embedding {name!r} has {len(vectors)} vectors; a prompt chunk holds 1 to {self.room}")
-        if len(pattern) == 1 and pattern[0] < self.vocab_size:
+        if len(pattern) == 1:
             logger.warning("embedding %r is a word of the vocabulary; prompts with that word get the embedding", name)
         previous = self._vectors.pop(pattern, None)
         if previous is not None and previous[0] != name:
             logger.warning("embedding %r replaces %r: both names have the same tokens", name, previous[0])
         self._vectors[pattern] = (name, vectors)
-        self._found, rows = {}, []
-        for tokens, (known, vecs) in self._vectors.items():
-            entry = _Embedding(known, self.vocab_size + sum(len(r) for r in rows), len(vecs))
-            self._found.setdefault(tokens[0], []).append((tokens, entry))
-            rows.append(vecs)
+        self._found, first_id = {}, self.vocab_size
+        for tokens, (_, vecs) in self._vectors.items():
+            self._found.setdefault(tokens[0], []).append((tokens, _Embedding(first_id, len(vecs))))
+            first_id += len(vecs)
         for candidates in self._found.values():
             candidates.sort(key=lambda c: len(c[0]), reverse=True)
-        self.table = torch.cat(rows)
+        self.table = torch.cat([vecs for _, vecs in self._vectors.values()])
 
     @property
     def embeddings(self) -> list[str]:
@@ -202,10 +200,11 @@ class PromptTokenizer:
                     last_comma = len(ids)
                 elif len(ids) == self.room and last_comma >= 0 and self.room - last_comma <= COMMA_BACKTRACK:
                     # The chunk ends after its last comma; what followed the comma opens the next one.
-                    moved = ids[last_comma + 1:], weights[last_comma + 1:]
-                    del ids[last_comma + 1:], weights[last_comma + 1:]
+                    cut = last_comma + 1
+                    moved = ids[cut:], weights[cut:]
+                    del ids[cut:], weights[cut:]
                     close()
-                    ids, weights = list(moved[0]), list(moved[1])
+                    ids, weights = moved
                 if len(ids) == self.room:
                     close()
                 match = self._embedding_at(tokens, pos)
