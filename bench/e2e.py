@@ -8,6 +8,8 @@ Sections (each writes its figures into the JSON as soon as it is done):
   path (PyTorch ops) on the same weights and seed, as PSNR; and against diffusers' float16 image.
 - unet_step: one guided step (UNet at batch 2B, guidance and sampler update) at 512x512 B=1 and B=4, 768x768 and
   1024x1024: tritonsd's captured step against the diffusers UNet called eagerly.
+- long_prompt: one guided step at 512x512 with the context of a 1-chunk and of a 3-chunk prompt (77 and 231 text
+  tokens), each from its own captured graph.
 - vae_decode: decoding one 64x64 latent to 512x512.
 - txt2img: a whole 30-step 512x512 image (Euler, guidance 7.5), prompt to numpy array, against diffusers'
   StableDiffusionPipeline; and the peak GPU memory of one such image at every size, beyond the weights.
@@ -47,7 +49,8 @@ from tritonsd.engine.tokenizer import CLIPTokenizer  # noqa: E402
 from tritonsd.loader.convert import from_diffusers  # noqa: E402
 from tritonsd.loader.infer import config_from_diffusers  # noqa: E402
 
-SECTIONS = ("accuracy", "unet_step", "vae_decode", "txt2img", "compiled", "cold_start", "profile", "layouts")
+SECTIONS = ("accuracy", "unet_step", "long_prompt", "vae_decode", "txt2img", "compiled", "cold_start", "profile",
+            "layouts")
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
 STEPS, GUIDANCE = 30, 7.5
 
@@ -200,11 +203,11 @@ def psnr(a, b) -> float:
 class StepInputs:
     """What the sampling loop hands tritonsd's step and diffusers' UNet at one size."""
 
-    def __init__(self, pipe: Pipeline, size: int, batch: int):
+    def __init__(self, pipe: Pipeline, size: int, batch: int, chunks: int = 1):
         lat = size // pipe.vae_scale
         dev = pipe.device
         self.latents = torch.randn(batch, 4, lat, lat, device=dev)
-        self.context = torch.randn(2 * batch, 77, pipe.config.unet.context_dim, device=dev, dtype=pipe.dtype)
+        self.context = torch.randn(2 * batch, 77 * chunks, pipe.config.unet.context_dim, device=dev, dtype=pipe.dtype)
         plan = make_plan("euler", STEPS)
         self.row = torch.cat([plan.timesteps[:, None], plan.c_in[:, None], plan.coef], 1)[10].to(dev, torch.float32)
         self.guidance = torch.full((1,), GUIDANCE, device=dev)
@@ -253,6 +256,17 @@ def run_unet_step(b: Bench, pipe, theirs, sizes):
         print(rows[-1], flush=True)
         del inputs
     return {"rows": rows}
+
+
+def run_long_prompt(b: Bench, pipe, size):
+    rows = []
+    for chunks in (1, 3):
+        inputs = StepInputs(pipe, size, 1, chunks)
+        with torch.inference_mode(), kernels.backend("auto"):
+            rows.append({"chunks": chunks, "tritonsd_ms": b.time_ms(lambda: inputs.ours(pipe), warmup=3, iters=20)})
+        print(rows[-1], flush=True)
+    extra = rows[1]["tritonsd_ms"] / rows[0]["tritonsd_ms"] - 1
+    return {"size": size, "rows": rows, "extra_cost_3_chunks": round(extra, 3)}
 
 
 def run_vae_decode(b: Bench, pipe, theirs, size):
@@ -408,6 +422,7 @@ def main(argv=None) -> int:
         plan = [
             ("accuracy", run_accuracy, b, pipe, theirs, config, size),
             ("unet_step", run_unet_step, b, pipe, theirs, sizes),
+            ("long_prompt", run_long_prompt, b, pipe, size),
             ("vae_decode", run_vae_decode, b, pipe, theirs, size),
             ("txt2img", run_txt2img, b, pipe, theirs, sizes),
             ("profile", run_profile, b, pipe, size),
