@@ -1,5 +1,7 @@
 """The CLIP text tower (ViT-L/14's in SD1.x). Module names follow HF's CLIPTextModel without the text_model. prefix."""
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,7 +107,7 @@ class TextEncoder(nn.Module):
 def check_clip_skip(clip_skip, layers: int | None = None) -> None:
     """clip_skip counts from the last layer (1); the first layer (clip_skip = layers) is the earliest there is.
     Without a layer count only the lower bound is checked (the command line, before a model is loaded)."""
-    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, numbers.Integral) or clip_skip < 1:
         raise ValueError(f"clip_skip must be an integer >= 1 (1 = the last layer), got {clip_skip!r}")
     if layers is not None and clip_skip > layers:
         raise ValueError(f"clip_skip {clip_skip} is past the text encoder's first layer: it has {layers} layers")
