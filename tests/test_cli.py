@@ -377,7 +377,7 @@ def test_embeddings_folder_names_its_files_in_prompts(capsys, model, tmp_path):
                     "-o", tmp_path / "embedded.png", "--verbose", *FAST)
     warnings = [line for line in stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "sd15only.safetensors: embedding vectors of size 768" in warnings[0], stderr
-    assert "prompt: 3 tokens in 1 chunk(s) of 75" in stderr, stderr
+    assert "embeddings: tsdblue\n" in stderr and "prompt: 3 tokens in 1 chunk(s) of 75" in stderr, stderr
     cli(capsys, "txt2img", "a blue cube", "--seed", 4, "--model", model, "-o", tmp_path / "plain.png", *FAST)
     assert np.array_equal(pixels(tmp_path / "embedded.png"), pixels(tmp_path / "plain.png")), (
         "'tsdblue' should draw what 'blue' draws"

@@ -260,6 +260,12 @@ class _Model:
             except ValueError as e:
                 _say(f"tritonsd: warning: skipped embedding {e}", sys.stderr)
 
+    def describe_embeddings(self) -> None:
+        """For --verbose: the embedding names prompts can use."""
+        names = self.pipe.prompt_tokenizer.embeddings
+        if names:
+            _say(f"embeddings: {', '.join(names)}", sys.stderr)
+
     def pads_conds(self, prompt: str, negative_prompt: str, cfg: float) -> bool:
         """Whether the guided run pads the prompt or the negative prompt to the other's chunk count."""
         chunks = self.pipe.prompt_tokenizer.chunks
@@ -332,6 +338,7 @@ def _generate(args, run, strength: float | None = None) -> None:
     if getattr(args, "png", None):
         _note_png(args, model, paths)
     if args.verbose:
+        model.describe_embeddings()
         model.describe_prompts([("prompt", args.prompt), ("negative prompt", args.negative_prompt)])
 
     start = time.perf_counter()
@@ -399,6 +406,8 @@ def _batch(args) -> None:
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     model = _Model(path, config, device, _dtype(args.dtype, device), args.embeddings)
+    if args.verbose:
+        model.describe_embeddings()
     out.mkdir(parents=True, exist_ok=True)
 
     def target(n: int) -> Path:
