@@ -7,6 +7,8 @@ every test here runs with those allocations filled with NaN, so an element a ker
 """
 
 import importlib
+import os
+import threading
 
 import pytest
 import torch
@@ -509,8 +511,32 @@ def test_auto_mode_without_cuda_or_interpreter(monkeypatch):
     cpu = torch.ones(2)
     with kernels.backend("auto"):
         assert not kernels.use_triton(cpu)
-    with kernels.backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+    with kernels.backend("triton"), pytest.raises(ValueError, match="TRITON_INTERPRET"):
         kernels.use_triton(cpu)
+
+
+def test_backend_override_stays_in_its_own_thread():
+    """Two threads inside `backend` blocks at the same moment, one "torch" and one "triton": each sees its own mode,
+    and the main thread, outside any block, sees neither."""
+    both_inside, checked = threading.Barrier(3), threading.Barrier(3)
+    seen = {}
+
+    def run(mode):
+        with kernels.backend(mode):
+            both_inside.wait(timeout=10)
+            seen[mode] = (kernels.current_mode(), kernels.use_triton(randn(2)))
+            checked.wait(timeout=10)
+
+    threads = [threading.Thread(target=run, args=(mode,)) for mode in ("torch", "triton")]
+    for t in threads:
+        t.start()
+    both_inside.wait(timeout=10)
+    main = kernels.current_mode()
+    checked.wait(timeout=10)
+    for t in threads:
+        t.join()
+    assert seen == {"torch": ("torch", False), "triton": ("triton", True)}, f"(mode, takes Triton) per thread: {seen}"
+    assert main == os.environ.get("TRITONSD_KERNELS", "auto"), f"the main thread saw mode {main!r} from another thread"
 
 
 def test_auto_mode_takes_triton_in_the_interpreter_or_on_cuda():

@@ -8,9 +8,8 @@ BLOCK columns, so loads and stores are contiguous. gelu is the exact (erf) one, 
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from .compat import tl, triton
 from .dispatch import INTERPRET, use_triton
 from .launch import launch
 

@@ -10,9 +10,8 @@ run only one step of one sampler at one guidance scale. All math is float32.
 """
 
 import torch
-import triton
-import triton.language as tl
 
+from .compat import tl, triton
 from .dispatch import INTERPRET, use_triton
 from .launch import launch
 
