@@ -1,4 +1,4 @@
-"""Tile sweep for the flash-attention kernel at SD1.5's shapes: the data behind `kernels.attention._config`.
+"""Tile sweep for the flash-attention kernel at SD1.5's shapes: the data behind `kernels.attention.plan`.
 
     python bench/attention_sweep.py --json OUT.json [--jobs 12]
 
@@ -52,7 +52,7 @@ def jobs():
 def worker(index: int, count: int) -> None:
     for shape, config in jobs()[index::count]:
         try:
-            attention_triton(*inputs(shape), config=config)
+            attention_triton(*inputs(shape), tiles=config)
         except Exception as e:  # a config that does not compile is reported by the main process
             print(f"{shape} {config}: {type(e).__name__}", file=sys.stderr)
     torch.cuda.synchronize()
@@ -81,9 +81,9 @@ def main() -> int:
         rows = []
         for config in configs(shape):
             try:
-                out = attention_triton(q, k, v, config=config)
+                out = attention_triton(q, k, v, tiles=config)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
-                ms = do_bench(lambda: attention_triton(q, k, v, config=config), return_mode="median") if err < 1e-2 else None
+                ms = do_bench(lambda: attention_triton(q, k, v, tiles=config), return_mode="median") if err < 1e-2 else None
             except Exception as e:
                 err, ms = f"{type(e).__name__}", None
             rows.append({"config": config._asdict(), "ms": ms, "rel_err": err})

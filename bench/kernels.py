@@ -90,7 +90,7 @@ def bench_attention(dtype):
         if split.tail_d:
             # The same tiles with the head dim padded to one power-of-two tile: what the split saves.
             padded = split._replace(block_d=triton.next_power_of_2(D), tail_d=0)
-            times["triton_padded_head"] = time_ms(lambda: attention_triton(q, k, v, config=padded))
+            times["triton_padded_head"] = time_ms(lambda: attention_triton(q, k, v, tiles=padded))
         for name, sdp_backend in backends.items():
             try:
                 with sdpa_kernel(sdp_backend), warnings.catch_warnings():

@@ -94,11 +94,13 @@ def compile_case(case: str) -> str:
                               dict(constants, BLOCK_P=triton.next_power_of_2(cfg.num_chunks), SILU=True),
                               ("eps",), cfg.num_warps)
     if op == "guided_step":
+        from tritonsd.kernels.guided_step import plan as guided_step_plan
+
         pointers = dict(MODEL_OUT="fp16", X="fp32", EXTRA="fp32", NOISE="fp32", COEF="fp32", X_OUT="fp32",
                         EXTRA_OUT="fp32", GUIDANCE="fp32")
-        flags = set(rest)
+        flags, cfg = set(rest), guided_step_plan()
         return _compile(_guided_step_kernel, pointers, dict(GUIDED="guided" in flags, HAS_EXTRA="extra" in flags,
-                                                            HAS_NOISE="noise" in flags, BLOCK=2048))
+                                                            HAS_NOISE="noise" in flags, BLOCK=cfg.block), num_warps=cfg.num_warps)
     if op == "layer_norm":
         from tritonsd.kernels.layer_norm import _layer_norm_kernel
         from tritonsd.kernels.layer_norm import plan as layer_norm_plan
@@ -109,7 +111,10 @@ def compile_case(case: str) -> str:
                         dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_RESIDUAL=rest[2] == "residual"), ("eps",),
                         cfg.num_warps, multiples_of_16=("N", "stride_x", "stride_r", "stride_s", "stride_y"))
     if op == "geglu":
-        return _compile(_geglu_kernel, {"X": rest[0], "Y": rest[0]}, {"BLOCK": 2048}, num_warps=8)
+        from tritonsd.kernels.geglu import plan as geglu_plan
+
+        cfg = geglu_plan(4 * 1280)
+        return _compile(_geglu_kernel, {"X": rest[0], "Y": rest[0]}, {"BLOCK": cfg.block}, num_warps=cfg.num_warps)
     raise ValueError(f"unknown case {case!r}")
 
 

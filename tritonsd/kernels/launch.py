@@ -83,3 +83,12 @@ def precompile():
             yield
         finally:
             _compiling.reset(token)
+
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_dtype(op: str, t: torch.Tensor) -> None:
+    """The kernels load and store these dtypes; the references take any floating dtype."""
+    if t.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"{op}_triton supports float16, bfloat16 and float32; got {t.dtype}")
