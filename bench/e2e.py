@@ -39,8 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-import loader  # noqa: E402
+from tritonsd import kernels, loader  # noqa: E402
 from tritonsd.engine.model import StableDiffusion  # noqa: E402
 from tritonsd.engine.pipeline import Pipeline  # noqa: E402
 from tritonsd.engine.samplers import make_plan  # noqa: E402
