@@ -61,6 +61,19 @@ def check_loaded_model(model, want: dict, dtype=torch.float32):
 
 # --- original single files -----------------------------------------------------------------------------------------
 
+def test_original_prefixes_are_the_ones_diffusers_reads():
+    """The test files are written with the loader's own prefix table, so the table is checked against diffusers'."""
+    from diffusers.loaders import single_file_utils as sf
+
+    from tritonsd.loader.convert import ORIGINAL_PREFIXES
+
+    assert ORIGINAL_PREFIXES["unet"] == (sf.LDM_UNET_KEY,)
+    assert ORIGINAL_PREFIXES["vae"] == (sf.LDM_VAE_KEYS[0],)
+    clip = sf.LDM_CLIP_PREFIX_TO_REMOVE[0]
+    assert ORIGINAL_PREFIXES["text_encoder"] == (clip + "text_model.", clip), ORIGINAL_PREFIXES["text_encoder"]
+    assert sf.CHECKPOINT_KEY_NAMES["clip"].startswith(ORIGINAL_PREFIXES["text_encoder"][0])
+
+
 @pytest.mark.parametrize("fmt, wrap", [("safetensors", False), ("ckpt", True), ("ckpt", False), ("ckpt-legacy", True)])
 @pytest.mark.parametrize("text_prefix", [True, False], ids=["text_model", "old_clip_names"])
 def test_single_file_maps_onto_engine_exactly(tmp_path, tiny_state, fmt, wrap, text_prefix):

@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 
 from tritonsd.engine.config import ModelConfig
+from tritonsd.loader.convert import ORIGINAL_PREFIXES
 from tritonsd.loader.formats import CheckpointError
 
 
@@ -35,7 +36,7 @@ def architecture(state: dict[str, torch.Tensor]) -> tuple[str, str]:
     if not has("unet.") and has("encoder.") and has("decoder."):
         return "a VAE alone", "it has encoder.* and decoder.* but no UNet or text encoder"
     if "unet.input_blocks.0.0.weight" not in state:
-        return "unknown", "it has no UNet (model.diffusion_model.input_blocks.0.0.weight or unet/conv_in)"
+        return "unknown", f"it has no UNet ({ORIGINAL_PREFIXES['unet'][0]}input_blocks.0.0.weight or unet/conv_in)"
     context = _dim(state, "unet.middle_block.1.transformer_blocks.0.attn2.to_k.weight", 1)
     proj_in = state.get("unet.middle_block.1.proj_in.weight")
     if context == 2048:
