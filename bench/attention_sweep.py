@@ -23,9 +23,10 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from tritonsd.kernels.attention import AttentionPlan, attention_triton, plan  # noqa: E402
+from tools.sd15_shapes import SD15  # noqa: E402
 
-SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),
-          (2, 8, 256, 256, 160), (2, 8, 4096, 4096, 64)]
+# SD 1.5's UNet attention from full resolution down to L = 256 self-attention, and SD 2's head dim at L = 4096.
+SHAPES = SD15.attention[:5] + [(2, 8, 4096, 4096, 64)]
 TILES = [c for c in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
          if not (c[0] == 64 and c[2] == 8)]
 
