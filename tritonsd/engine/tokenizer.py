@@ -23,6 +23,9 @@ _PATTERN = regex.compile(
     regex.IGNORECASE,
 )
 _WHITESPACE = regex.compile(r"\s+")
+# Distinct words whose BPE ids are kept; beyond that the least recently used are dropped (a prompt of random text
+# cannot grow memory without bound). Real prompts draw on a few thousand words.
+BPE_CACHE_WORDS = 4096
 
 
 def _byte_symbols() -> list[str]:
@@ -91,7 +94,8 @@ class CLIPTokenizer:
         self.pad_id = self.eos_id
         self.max_length = max_length
         # Keyed by byte-symbol word; the specials are words of their own, never split.
-        self._cache = {_BOS: [self.bos_id], _EOS: [self.eos_id]}
+        self._specials = {_BOS: [self.bos_id], _EOS: [self.eos_id]}
+        self._cached_bpe = functools.lru_cache(maxsize=BPE_CACHE_WORDS)(self._merge)
 
     @classmethod
     @functools.cache
@@ -123,9 +127,9 @@ class CLIPTokenizer:
         return cls(vocab, merges)
 
     def _bpe(self, word: str) -> list[int]:
-        ids = self._cache.get(word)
-        if ids is not None:
-            return ids
+        return self._specials.get(word) or self._cached_bpe(word)
+
+    def _merge(self, word: str) -> list[int]:
         parts = [*word[:-1], word[-1] + _WORD_END]
         while len(parts) > 1:
             ranks = [self.ranks.get(pair, math.inf) for pair in zip(parts, parts[1:])]
@@ -142,9 +146,7 @@ class CLIPTokenizer:
                     merged.append(parts[i])
                     i += 1
             parts = merged
-        ids = [self.vocab[p] for p in parts]
-        self._cache[word] = ids
-        return ids
+        return [self.vocab[p] for p in parts]
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one prompt, without BOS/EOS and without truncation."""
