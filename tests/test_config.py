@@ -16,7 +16,7 @@ from tritonsd.cli import main
 from tritonsd.engine.config import LIMITS, ModelConfig, PARTS
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.loader import CheckpointError
-from tiny import TINY, original_checkpoint, random_state, write_diffusers_folder
+from tiny import TINY, linked_copy, original_checkpoint, random_state
 
 DEEP_LIST = [[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]
 
@@ -83,26 +83,11 @@ def single_file(tmp_path_factory, tiny_state):
     return path
 
 
-@pytest.fixture(scope="module")
-def diffusers_folder(tmp_path_factory, tiny_state):
-    path = tmp_path_factory.mktemp("diffusers") / "tiny"
-    write_diffusers_folder(path, original_checkpoint(tiny_state, extras=False), TINY, tokenizer=False)
-    return path
-
-
 def diffusers_copy(folder, tmp_path, part, changes) -> object:
-    """The folder's weights (linked) with one part's config.json changed: {key: value}, or a whole JSON value."""
-    copy = tmp_path / "model"
-    for sub in ("unet", "vae", "text_encoder"):
-        (copy / sub).mkdir(parents=True)
-        for f in (folder / sub).iterdir():
-            if f.name != "config.json":
-                os.symlink(f, copy / sub / f.name)
-        config = json.loads((folder / sub / "config.json").read_text())
-        if sub == part:
-            config = {**config, **changes} if isinstance(changes, dict) else changes
-        (copy / sub / "config.json").write_text(json.dumps(config))
-    return copy
+    """The folder with one part's config.json changed: {key: value} merged into it, or a whole JSON value instead."""
+    config = json.loads((folder / part / "config.json").read_text())
+    config = {**config, **changes} if isinstance(changes, dict) else changes
+    return linked_copy(folder, tmp_path / "model", {f"{part}/config.json": json.dumps(config)})
 
 
 def test_every_field_has_a_rule_and_the_defaults_keep_them():
@@ -191,16 +176,16 @@ BAD_DIFFUSERS = [
 
 @pytest.mark.parametrize("part, changes, message", BAD_DIFFUSERS, ids=[
     f"{part}-{next(iter(changes)) if isinstance(changes, dict) else type(changes).__name__}" for part, changes, _ in BAD_DIFFUSERS])
-def test_bad_entry_in_a_diffusers_config(tmp_path, diffusers_folder, part, changes, message):
-    path = diffusers_copy(diffusers_folder, tmp_path, part, changes)
+def test_bad_entry_in_a_diffusers_config(tmp_path, tiny_diffusers, part, changes, message):
+    path = diffusers_copy(tiny_diffusers, tmp_path, part, changes)
     with pytest.raises(CheckpointError) as e:
         loader.load(path)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value), f"{str(e.value)!r} lacks {message!r}"
     assert loader.describe(path)["problem"] == str(e.value)
 
 
-def test_diffusers_config_nested_too_deeply(tmp_path, diffusers_folder):
-    path = diffusers_copy(diffusers_folder, tmp_path, "unet", {})
+def test_diffusers_config_nested_too_deeply(tmp_path, tiny_diffusers):
+    path = diffusers_copy(tiny_diffusers, tmp_path, "unet", {})
     (path / "unet" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(CheckpointError, match=r"unet/config.json: cannot read the part's config \(not valid JSON: nested too deeply\)"):
         loader.load(path)
@@ -209,7 +194,7 @@ def test_diffusers_config_nested_too_deeply(tmp_path, diffusers_folder):
 @pytest.mark.parametrize("text, message", [
     ("[" * 100_000 + "]" * 100_000, "not valid JSON: nested too deeply"),
     ('{"unet": {"model_channels": ' + "9" * 5000 + "}}", "not valid JSON: Exceeds the limit (4300 digits)"),
-    ("{" + " " * (1 << 20) + "}", "over 1 MiB, too large for a config file"),
+    ("{" + " " * (1 << 20) + "}", "larger than 1 MiB"),
     (b"\xff\xfe{}".decode("latin-1"), "not UTF-8 text (invalid start byte at byte 0)"),
     ("unet: {model_channels: 320}", "not valid JSON: Expecting value: line 1 column 1 (char 0)"),
 ], ids=["deep", "5000-digit int", "huge", "not utf-8", "yaml"])

@@ -12,7 +12,7 @@ import torch
 from tritonsd import loader
 from tritonsd.cli import main
 from tritonsd.loader import CheckpointError
-from tiny import TINY, original_checkpoint, random_state, write_single_file
+from tiny import TINY, linked_copy, original_checkpoint, random_state, write_single_file
 
 WEIGHT = "model.diffusion_model.out.2.bias"  # its engine name: unet.out.2.bias
 
@@ -121,6 +121,52 @@ def test_a_config_with_unknown_keys_is_still_an_error(tmp_path, tiny_state):
         loader.load(path)
     assert str(e.value) == (f"{path}: model.json beside it: unknown model config part(s) ['description']; "
                             "expected ['text', 'unet', 'vae']")
+
+
+# --- a diffusers folder's tokenizer ---------------------------------------------------------------------------------
+
+def _tokenizer_file(name: str, edit):
+    """The diffusers folder with tokenizer/<name> replaced by edit(its text)."""
+    def make(tmp_path, state, folder):
+        text = (folder / "tokenizer" / name).read_text(encoding="utf-8")
+        return linked_copy(folder, tmp_path / "model", {f"tokenizer/{name}": edit(text)})
+    return make
+
+
+def _drop_token(token: str):
+    def edit(text):
+        vocab = json.loads(text)
+        del vocab[token]
+        return json.dumps(vocab)
+    return edit
+
+
+def _renumber(text):
+    vocab = json.loads(text)
+    return json.dumps({k: v + 1000 for k, v in vocab.items()})
+
+
+BAD_TOKENIZERS = [
+    (_tokenizer_file("vocab.json", lambda text: "[" * 100_000 + "]" * 100_000), "not valid JSON: nested too deeply"),
+    (_tokenizer_file("vocab.json", lambda text: json.dumps(list(json.loads(text)))),
+     "must map each token (a string) to its id (an integer from 0)"),
+    (_tokenizer_file("vocab.json", lambda text: text.replace(": 0,", ": -1,", 1)), "an integer from 0"),
+    (_tokenizer_file("vocab.json", _drop_token("the</w>")), "vocabulary lacks 1 symbol(s) the byte alphabet and merges "
+                                                          "produce, such as 'the</w>'"),
+    (_tokenizer_file("vocab.json", _renumber), "its tokenizer's ids go up to 50407, but its text encoder has 49408 token "
+                                                "embeddings"),
+    (_tokenizer_file("merges.txt", lambda text: text + "a b c\n"), "is not a pair of symbols"),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD_TOKENIZERS, ids=["deep", "list", "negative id", "missing symbol",
+                                                               "ids past the embedding", "bad merge"])
+def test_bad_tokenizer_is_refused_before_the_weights_load(tmp_path, tiny_state, tiny_diffusers, make, message):
+    path = make(tmp_path, tiny_state, tiny_diffusers)
+    with pytest.raises(CheckpointError) as e:
+        loader.load(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
+    assert loader.describe(path)["problem"] == str(e.value)
 
 
 # --- info refuses what load refuses, in load's words ----------------------------------------------------------------

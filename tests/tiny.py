@@ -4,6 +4,7 @@ folder produced by diffusers' and transformers' own conversion and save code."""
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import safetensors.torch
@@ -160,3 +161,18 @@ def write_diffusers_folder(path, checkpoint: dict, config: ModelConfig, weights:
         text.save_pretrained(path / "text_encoder", variant=variant)
     if tokenizer:
         write_tokenizer(path / "tokenizer")
+
+
+def linked_copy(folder: Path, dest: Path, replace: dict[str, str]) -> Path:
+    """A copy of a model folder whose files link to the original's, except those in replace ({relative path: text}),
+    written anew: a variant of a diffusers folder for the price of a few small files."""
+    for src in Path(folder).rglob("*"):
+        if src.is_file():
+            target = dest / src.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            key = str(src.relative_to(folder))
+            if key in replace:
+                target.write_text(replace[key], encoding="utf-8")
+            else:
+                os.symlink(src, target)
+    return dest

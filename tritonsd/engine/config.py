@@ -163,7 +163,7 @@ def _check_fields(part) -> None:
             object.__setattr__(part, f, tuple(value))
 
 
-# A config file is a few hundred bytes; a larger one is not a config.
+# A config file is a few kilobytes; a larger one is not a config.
 MAX_JSON_BYTES = 1 << 20
 
 
@@ -175,15 +175,16 @@ def parse_json(text: str):
         raise ValueError(f"not valid JSON: {'nested too deeply' if isinstance(e, RecursionError) else e}") from None
 
 
-def read_json(path: str | Path):
-    """The value of a small JSON file; a ValueError saying why it cannot be read (the caller names the file)."""
+def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES):
+    """The value of a JSON file of at most max_bytes; a ValueError saying why it cannot be read (the caller names
+    the file)."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_JSON_BYTES + 1)
+            data = f.read(max_bytes + 1)
     except OSError as e:
         raise ValueError(e.strerror or str(e)) from None
-    if len(data) > MAX_JSON_BYTES:
-        raise ValueError(f"over {MAX_JSON_BYTES >> 20} MiB, too large for a config file")
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than {max_bytes >> 20} MiB")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

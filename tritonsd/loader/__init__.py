@@ -157,9 +157,26 @@ class _Inspection:
     state: dict
     architecture: tuple[str, str]
     config: ModelConfig | None = None
+    tokenizer: CLIPTokenizer | None = None
     model: StableDiffusion | None = None  # on the meta device, when the config was found good
     mismatches: tuple[list[str], list[str], list[str]] = field(default_factory=lambda: ([], [], []))
     problem: str | None = None  # why `load` refuses the checkpoint, in load's words
+
+
+def _tokenizer(path: Path, fmt: str, config: ModelConfig) -> CLIPTokenizer:
+    """A diffusers folder's own tokenizer, else CLIP's; its ids must all have a row in the token embedding."""
+    try:
+        if fmt == "diffusers" and (path / "tokenizer" / "vocab.json").is_file():
+            tokenizer = CLIPTokenizer.from_folder(path / "tokenizer")
+        else:
+            tokenizer = CLIPTokenizer.default()
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its tokenizer: {e}") from None
+    top = max(tokenizer.vocab.values())
+    if top >= config.text.vocab_size:
+        raise CheckpointError(f"{path}: its tokenizer's ids go up to {top}, but its text encoder has "
+                              f"{config.text.vocab_size} token embeddings")
+    return tokenizer
 
 
 def _inspect(path: Path, config: ModelConfig | None = None) -> _Inspection:
@@ -175,6 +192,7 @@ def _inspect(path: Path, config: ModelConfig | None = None) -> _Inspection:
         disagree = config_mismatches(found.config, state)
         if disagree:
             raise CheckpointError(f"{path}: its config does not match its tensors: {'; '.join(disagree)}")
+        found.tokenizer = _tokenizer(path, fmt, found.config)
         found.model = StableDiffusion.on_meta(found.config)
         found.mismatches = _mismatches(state, found.model.state_dict())
         found.problem = _mismatch_message(path, found.mismatches)
@@ -194,9 +212,7 @@ def load(path, *, device="cpu", dtype: torch.dtype = torch.float32, config: Mode
     model = found.model
     model.load_state_dict(_cast(found.state, dtype, device), strict=True, assign=True)
     model.eval().requires_grad_(False)
-    if found.format == "diffusers" and (path / "tokenizer" / "vocab.json").is_file():
-        return model, CLIPTokenizer.from_folder(path / "tokenizer")
-    return model, CLIPTokenizer.default()
+    return model, found.tokenizer
 
 
 def save(model_or_state: nn.Module | dict, config: ModelConfig, path, dtype: torch.dtype | None = None) -> None:
