@@ -1,4 +1,5 @@
-"""Launching the kernels, and compiling a whole call's kernels in parallel before it first runs.
+"""Launching the kernels, their shared dtype check, and compiling a whole call's kernels in parallel before it first
+runs.
 
 Triton compiles a kernel variant the first time it is launched, one after another on the calling thread, and on
 Triton up to 3.6 also builds each kernel's C launcher with the system compiler. A first SD image needs a few dozen
