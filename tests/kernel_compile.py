@@ -111,8 +111,8 @@ def compile_case(case: str) -> str:
         pointers = dict(MODEL_OUT="fp16", X="fp32", EXTRA="fp32", NOISE="fp32", COEF="fp32", X_OUT="fp32",
                         EXTRA_OUT="fp32", GUIDANCE="fp32")
         flags, cfg = set(rest), guided_step_plan()
-        return _compile(_guided_step_kernel, pointers, dict(GUIDED="guided" in flags, HAS_EXTRA="extra" in flags,
-                                                            HAS_NOISE="noise" in flags, BLOCK=cfg.block), num_warps=cfg.num_warps)
+        constants = dict(GUIDED="guided" in flags, HAS_EXTRA="extra" in flags, HAS_NOISE="noise" in flags, BLOCK=cfg.block)
+        return _compile(_guided_step_kernel, pointers, constants, num_warps=cfg.num_warps)
     if op == "layer_norm":
         from tritonsd.kernels.layer_norm import _layer_norm_kernel
         from tritonsd.kernels.layer_norm import plan as layer_norm_plan

@@ -93,7 +93,8 @@ def diffusers_copy(folder, tmp_path, part, changes) -> object:
 def test_every_field_has_a_rule_and_the_defaults_keep_them():
     for name, part_cls in PARTS.items():
         fields = {f.name for f in dataclasses.fields(part_cls)}
-        assert set(LIMITS[name]) == fields, f"LIMITS[{name!r}] covers {sorted(LIMITS[name])}, the fields are {sorted(fields)}"
+        assert set(LIMITS[name]) == fields, (
+            f"LIMITS[{name!r}] covers {sorted(LIMITS[name])}, the fields are {sorted(fields)}")
     ModelConfig()
     ModelConfig.from_dict(TINY.to_dict())
 
@@ -139,7 +140,8 @@ def test_bad_field_in_a_json_beside_the_checkpoint(tmp_path, single_file, part, 
 @pytest.mark.parametrize("part, name, value", BAD_FIELDS, ids=IDS)
 def test_bad_field_in_a_tritonsd_files_metadata(tmp_path, tiny_state, part, name, value):
     path = tmp_path / "tiny.safetensors"
-    safetensors.torch.save_file(tiny_state, path, metadata={"format": "tritonsd", "config": bad_json(part, name, value)})
+    metadata = {"format": "tritonsd", "config": bad_json(part, name, value)}
+    safetensors.torch.save_file(tiny_state, path, metadata=metadata)
     want = f"{path}: the model config in its metadata: {part}.{name} must be "
     with pytest.raises(CheckpointError) as e:
         loader.load(path)
@@ -182,6 +184,16 @@ def test_bad_entry_in_a_diffusers_config(tmp_path, tiny_diffusers, part, changes
         loader.load(path)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value), f"{str(e.value)!r} lacks {message!r}"
     assert loader.describe(path)["problem"] == str(e.value)
+
+
+def test_diffusers_configs_held_in_memory_take_tuples(tiny_diffusers):
+    """diffusers keeps a model's config with tuples where config.json has lists; both describe the same model."""
+    from tritonsd.loader.infer import config_from_diffusers
+
+    configs = {part: json.loads((tiny_diffusers / part / "config.json").read_text())
+               for part in ("unet", "vae", "text_encoder")}
+    in_memory = {part: {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()} for part, c in configs.items()}
+    assert config_from_diffusers(in_memory) == config_from_diffusers(configs) == TINY
 
 
 def test_diffusers_config_nested_too_deeply(tmp_path, tiny_diffusers):

@@ -200,7 +200,9 @@ def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
 
     def first(part: str, key: str, default=None) -> int:
         """An int, or the first of a per-level list (SDXL-style configs)."""
-        return get(part, key, "ints")[0] if isinstance(configs[part].get(key), list) else get(part, key, "int", default)
+        if isinstance(configs[part].get(key), (list, tuple)):
+            return get(part, key, "ints")[0]
+        return get(part, key, "int", default)
 
     def widths(part: str) -> tuple[int, tuple[int, ...]]:
         """(base channels, multipliers) from block_out_channels."""
@@ -257,7 +259,9 @@ def _positive(v) -> bool:
 # What config_from_diffusers accepts for each kind of entry: (description, test).
 _DIFFUSERS_KINDS = {
     "int": ("a positive integer", _positive),
-    "ints": ("a non-empty list of positive integers", lambda v: isinstance(v, list) and v and all(map(_positive, v))),
-    "strs": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    # Lists in config.json; tuples in a config diffusers holds in memory.
+    "ints": ("a non-empty list of positive integers",
+             lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(map(_positive, v))),
+    "strs": ("a list of strings", lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
     "number": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
 }
