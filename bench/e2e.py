@@ -209,7 +209,7 @@ class StepInputs:
         self.latents = torch.randn(batch, 4, lat, lat, device=dev)
         self.context = torch.randn(2 * batch, 77 * chunks, pipe.config.unet.context_dim, device=dev, dtype=pipe.dtype)
         plan = make_plan("euler", STEPS)
-        self.row = torch.cat([plan.timesteps[:, None], plan.c_in[:, None], plan.coef], 1)[10].to(dev, torch.float32)
+        self.row = plan.schedule()[10].to(dev, torch.float32)
         self.guidance = torch.full((1,), GUIDANCE, device=dev)
         self.x2 = torch.randn(2 * batch, 4, lat, lat, device=dev, dtype=pipe.dtype)
         self.t = torch.tensor(500.0, device=dev)

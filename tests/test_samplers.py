@@ -14,7 +14,8 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
 )
 
-from tritonsd.engine.samplers import SAMPLERS, make_plan
+from tritonsd.engine.samplers import C_IN, COEFFICIENTS, SAMPLERS, TIMESTEP, a1111_fields, from_a1111, make_plan
+from tritonsd.kernels.guided_step import StepCoefficients
 
 # diffusers' schedulers call np.array on tensors, which numpy 2 flags; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -110,7 +111,7 @@ def run_diffusers(sampler, steps, workflow, strength, guidance):
 
 def guided_step(model_out, x, coef, guidance_scale=None, extra=None, noise=None):
     """The fused step's formula in float64."""
-    a, b, c, s, d, e = coef.tolist()
+    a, b, c, s, d, e = (dict(zip(StepCoefficients._fields, coef.tolist()))[k] for k in "abcsde")
     if guidance_scale is None:
         eps = model_out
     else:
@@ -125,16 +126,16 @@ def guided_step(model_out, x, coef, guidance_scale=None, extra=None, noise=None)
 
 
 def run_plan(plan, workflow, guidance):
-    """The engine's loop: one fused step per UNet call, the plan's coefficients and noise draws."""
+    """The engine's loop: one fused step per UNet call, reading the schedule's rows, and the plan's noise draws."""
     generator = torch.Generator().manual_seed(SEED)
     p, q = plan.add_noise
     x = start_latents(workflow, generator, plan.init_scale, lambda x0, noise: p * x0 + q * noise)
     extra = torch.zeros_like(x) if plan.uses_extra else None
-    for i, t in enumerate(plan.timesteps.tolist()):
-        x_in = x * plan.c_in[i].item()
-        out = model_output(torch.cat([x_in] * 2) if guidance is not None else x_in, t, guidance)
+    for i, row in enumerate(plan.schedule()):
+        x_in = x * row[C_IN].item()
+        out = model_output(torch.cat([x_in] * 2) if guidance is not None else x_in, row[TIMESTEP].item(), guidance)
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float64) if plan.noise_steps[i] else None
-        x, extra = guided_step(out, x, plan.coef[i], guidance, extra, noise)
+        x, extra = guided_step(out, x, row[COEFFICIENTS], guidance, extra, noise)
     return x, generator
 
 
@@ -168,7 +169,8 @@ def test_plan_is_finite_and_well_formed(sampler):
                 continue
             plan = make_plan(sampler, steps, strength)
             n = int(steps * strength)
-            assert plan.coef.shape == (n, 6) and plan.coef.dtype == torch.float64, f"coef {plan.coef.shape}"
+            assert plan.coef.shape == (n, len(StepCoefficients._fields)) and plan.coef.dtype == torch.float64, (
+                f"coef {plan.coef.shape}")
             assert plan.timesteps.shape == (n,) and plan.c_in.shape == (n,) and len(plan.noise_steps) == n
             for name, value in (("coef", plan.coef), ("c_in", plan.c_in), ("timesteps", plan.timesteps)):
                 assert torch.isfinite(value).all(), f"{name} not finite for {steps} steps at strength {strength}"
@@ -192,3 +194,27 @@ def test_plan_is_finite_and_well_formed(sampler):
 def test_bad_input(args, message):
     with pytest.raises(ValueError, match=message):
         make_plan(*args)
+
+
+def test_every_sampler_writes_an_a1111_name_that_reads_back():
+    for sampler in SAMPLERS:
+        fields = a1111_fields(sampler)
+        back = from_a1111(fields["Sampler"], fields.get("Schedule type"))
+        assert back == sampler, f"{sampler} is written as {fields}, which reads back as {back}"
+
+
+@pytest.mark.parametrize("name, schedule, sampler", [
+    ("Euler a", None, "euler_a"),
+    ("Euler", "Automatic", "euler"),  # web UI 1.9+: the sampler's default schedule, evenly spaced for Euler
+    ("DDIM", "Uniform", "ddim"),
+    ("DPM++ 2M Karras", None, "dpmpp_2m_karras"),  # before 1.9, the schedule was part of the name
+    ("DPM++ 2M", "Karras", "dpmpp_2m_karras"),
+    ("DPM++ 2M", "Automatic", "dpmpp_2m_karras"),  # 1.9+ runs an "Automatic" DPM++ 2M on Karras sigmas
+    ("DPM++ 2M", None, "dpmpp_2m"),  # a bare name from before 1.9
+    ("DPM++ 2M", "Uniform", "dpmpp_2m"),
+    ("Euler", "Karras", None),
+    ("DPM++ 2M", "Exponential", None),
+    ("Heun", None, None),
+])
+def test_a1111_sampler_names_from_every_web_ui_version(name, schedule, sampler):
+    assert from_a1111(name, schedule) == sampler, f"Sampler {name!r}, Schedule type {schedule!r}"

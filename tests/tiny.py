@@ -4,6 +4,7 @@ folder produced by diffusers' and transformers' own conversion and save code."""
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import safetensors.torch
@@ -11,6 +12,7 @@ import torch
 
 from tritonsd.engine.config import ModelConfig
 from tritonsd.engine.model import StableDiffusion
+from tritonsd.loader.convert import to_original
 
 # Two levels so there are down/upsamplers; attention at both; a channel change so ResBlocks have skip convolutions;
 # norm_groups 8 and heads 2 so nothing silently relies on the SD1.x values; the real CLIP vocabulary so the real
@@ -23,7 +25,6 @@ TINY = ModelConfig.from_dict({
                  max_position_embeddings=77),
 })
 
-ORIGINAL_PREFIXES = {"unet.": "model.diffusion_model.", "vae.": "first_stage_model."}
 SCHEDULE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
@@ -50,12 +51,7 @@ def random_state(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 def original_checkpoint(state: dict, text_prefix: bool = True, extras: bool = True) -> dict[str, torch.Tensor]:
     """Engine names -> an original CompVis checkpoint's names; extras adds what real files carry beside the weights:
     EMA copies (flattened names), the noise schedule, and CLIP's position_ids."""
-    text = "cond_stage_model.transformer.text_model." if text_prefix else "cond_stage_model.transformer."
-    prefixes = {**ORIGINAL_PREFIXES, "text_encoder.": text}
-    ckpt = {}
-    for name, t in state.items():
-        part, rest = name.split(".", 1)
-        ckpt[prefixes[part + "."] + rest] = t
+    ckpt = to_original(state, old_text_names=not text_prefix)
     if extras:
         ckpt["model_ema.decay"] = torch.tensor(0.9999)
         ckpt["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
@@ -64,7 +60,7 @@ def original_checkpoint(state: dict, text_prefix: bool = True, extras: bool = Tr
                 ckpt["model_ema.diffusion_model" + name[len("unet."):].replace(".", "")] = t * 0.5
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
         ckpt.update({k: betas.float() * (i + 1) for i, k in enumerate(SCHEDULE_BUFFERS)})
-        ckpt[text + "embeddings.position_ids"] = torch.arange(77)[None]
+        ckpt |= to_original({"text_encoder.embeddings.position_ids": torch.arange(77)[None]}, not text_prefix)
     return ckpt
 
 
@@ -165,3 +161,18 @@ def write_diffusers_folder(path, checkpoint: dict, config: ModelConfig, weights:
         text.save_pretrained(path / "text_encoder", variant=variant)
     if tokenizer:
         write_tokenizer(path / "tokenizer")
+
+
+def linked_copy(folder: Path, dest: Path, replace: dict[str, str]) -> Path:
+    """A copy of a model folder whose files link to the original's, except those in replace ({relative path: text}),
+    written anew: a variant of a diffusers folder for the price of a few small files."""
+    for src in Path(folder).rglob("*"):
+        if src.is_file():
+            target = dest / src.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            key = str(src.relative_to(folder))
+            if key in replace:
+                target.write_text(replace[key], encoding="utf-8")
+            else:
+                os.symlink(src, target)
+    return dest

@@ -13,15 +13,7 @@ import json
 import re
 from pathlib import Path
 
-SAMPLER_NAMES = {
-    "ddpm": "DDPM",
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-}
-_SAMPLER_IDS = {v: k for k, v in SAMPLER_NAMES.items()}
+from tritonsd.engine.samplers import a1111_fields, from_a1111
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -52,7 +44,7 @@ def format_parameters(
     empty prompt's chunk (tritonsd always pads; A1111 does with this field, its "Pad prompt/negative prompt")."""
     fields = {
         "Steps": steps,
-        "Sampler": SAMPLER_NAMES[sampler],
+        **a1111_fields(sampler),
         "CFG scale": _number(cfg),
         "Seed": seed,
         "Size": f"{width}x{height}",
@@ -92,8 +84,12 @@ def parse_parameters(text: str) -> dict:
         else:
             prompt.append(line)
     out = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    sampler = from_a1111(fields["Sampler"], fields.get("Schedule type")) if "Sampler" in fields else None
+    if sampler is not None:  # the schedule type is part of the sampler
+        fields = {**fields, "Sampler": sampler}
+        fields.pop("Schedule type", None)
     typed = {
-        "Steps": ("steps", int), "Sampler": ("sampler", lambda v: _SAMPLER_IDS.get(v, v)), "CFG scale": ("cfg", float),
+        "Steps": ("steps", int), "Sampler": ("sampler", str), "CFG scale": ("cfg", float),
         "Seed": ("seed", int), "Model hash": ("model_hash", str), "Model": ("model", str),
         "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
         "Pad conds": ("pad_conds", lambda v: v == "True"), "Batch size": ("batch_size", int), "Batch pos": ("batch_pos", int),

@@ -12,7 +12,6 @@ from tritonsd.engine.vae import VAE
 class StableDiffusion(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        config.validate()
         self.config = config
         self.unet = UNet(config.unet)
         self.vae = VAE(config.vae)

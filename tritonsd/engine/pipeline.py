@@ -16,7 +16,7 @@ from tritonsd.engine.config import ModelConfig
 from tritonsd.engine.graphs import GraphCache
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.engine.prompts import PromptTokenizer, encode_chunks
-from tritonsd.engine.samplers import SamplerPlan, make_plan
+from tritonsd.engine.samplers import C_IN, COEFFICIENTS, TIMESTEP, SamplerPlan, make_plan
 from tritonsd.engine.text_encoder import check_clip_skip
 from tritonsd.engine.tokenizer import CLIPTokenizer
 
@@ -162,8 +162,7 @@ class Pipeline:
         (nothing else draws in between). A plan that adds noise at some steps gets zeros at the others (s = 0
         there), so every step runs the same code and, on CUDA, replays one graph."""
         guided = guidance_scale > 1.0
-        schedule = torch.cat([plan.timesteps[:, None], plan.c_in[:, None], plan.coef], dim=1)
-        schedule = schedule.to(self.device, torch.float32)
+        schedule = plan.schedule().to(self.device, torch.float32)
         guidance = torch.full((1,), guidance_scale, dtype=torch.float32, device=self.device) if guided else None
         extra = torch.zeros_like(latents) if plan.uses_extra else None
         noise = None
@@ -181,9 +180,9 @@ class Pipeline:
     def _step(self, x: torch.Tensor, extra, noise, context: torch.Tensor, guidance, row: torch.Tensor):
         """One denoising step: the UNet on the scaled latents (twice stacked under guidance), then guidance and the
         sampler update in one kernel. Latents stay float32; the UNet sees the model dtype."""
-        x_in = (x * row[1]).to(self.dtype)
-        out = self.unet(torch.cat([x_in, x_in]) if guidance is not None else x_in, row[0], context)
-        return kernels.guided_step(out, x, row[2:], guidance, extra, noise)
+        x_in = (x * row[C_IN]).to(self.dtype)
+        out = self.unet(torch.cat([x_in, x_in]) if guidance is not None else x_in, row[TIMESTEP], context)
+        return kernels.guided_step(out, x, row[COEFFICIENTS], guidance, extra, noise)
 
     def _output(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":

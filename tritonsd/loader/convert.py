@@ -10,33 +10,45 @@ from collections.abc import Callable
 
 import torch
 
-ORIGINAL_PREFIXES = [
-    ("model.diffusion_model.", "unet."),
-    ("first_stage_model.", "vae."),
-    ("cond_stage_model.transformer.text_model.", "text_encoder."),
-    ("cond_stage_model.transformer.", "text_encoder."),  # older files, written before CLIPTextModel had text_model.
-]
+# Each part's prefix in an original checkpoint: the one place that knows them. The text encoder's names come in two
+# forms; files are written with the first, and both are read.
+ORIGINAL_PREFIXES = {
+    "unet": ("model.diffusion_model.",),
+    "vae": ("first_stage_model.",),
+    # The second: older files, written before transformers' CLIPTextModel had text_model.
+    "text_encoder": ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."),
+}
 
 # Entries that are not weights of the three networks: EMA copies, the training noise schedule at top level, the
 # VAE's training loss, and CLIP's position_ids (an arange, rebuilt by the engine).
 IGNORED = re.compile(
-    r"model_ema\..*|first_stage_model\.loss\..*|.*position_ids"
+    rf"model_ema\..*|{re.escape(ORIGINAL_PREFIXES['vae'][0])}loss\..*|.*position_ids"
     r"|betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+|logvar"
 )
 
 
+def _engine_name(key: str) -> str:
+    for part, prefixes in ORIGINAL_PREFIXES.items():
+        for prefix in prefixes:  # the text encoder's newer prefix first: the older one begins it
+            if key.startswith(prefix):
+                return f"{part}.{key[len(prefix):]}"
+    return key
+
+
 def from_original(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original single-file names -> engine names. Unknown names pass through, to be reported as unexpected."""
-    state = {}
-    for key, t in raw.items():
-        if IGNORED.fullmatch(key):
-            continue
-        for old, new in ORIGINAL_PREFIXES:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        state[key] = t
-    return state
+    return {_engine_name(key): t for key, t in raw.items() if not IGNORED.fullmatch(key)}
+
+
+def to_original(state: dict[str, torch.Tensor], old_text_names: bool = False) -> dict[str, torch.Tensor]:
+    """Engine names -> an original single file's; old_text_names writes CLIP's names as files before text_model. had
+    them."""
+    out = {}
+    for name, t in state.items():
+        part, rest = name.split(".", 1)
+        prefixes = ORIGINAL_PREFIXES[part]
+        out[prefixes[-1 if old_text_names else 0] + rest] = t
+    return out
 
 
 # Leaf modules that diffusers renames inside a block; everything else in a block keeps its name.
