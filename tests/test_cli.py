@@ -351,7 +351,7 @@ def test_from_png_says_what_it_does_not_reproduce(capsys, model, tmp_path):
                                 "Size: 32x32, Model hash: 0123456789, Model: other, Hires upscale: 2")
     Image.new("RGB", (32, 32)).save(source, pnginfo=info)
     _, stderr = cli(capsys, "txt2img", "--from-png", source, "--model", model, "-o", tmp_path / "b.png", "--device", "cpu")
-    assert "settings tritonsd does not apply: Schedule type, Hires upscale" in stderr, stderr
+    assert "settings tritonsd does not apply: Sampler, Schedule type, Hires upscale" in stderr, stderr
     assert "was made with model other (hash 0123456789)" in stderr, stderr
 
 

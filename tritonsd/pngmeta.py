@@ -85,11 +85,11 @@ def parse_parameters(text: str) -> dict:
             prompt.append(line)
     out = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
     sampler = from_a1111(fields["Sampler"], fields.get("Schedule type")) if "Sampler" in fields else None
-    if sampler is not None:  # the schedule type is part of the sampler
-        fields = {**fields, "Sampler": sampler}
-        fields.pop("Schedule type", None)
+    if sampler is not None:  # the schedule type is part of the sampler; an unknown pair stays under A1111's names
+        out["sampler"] = sampler
+        fields = {k: v for k, v in fields.items() if k not in ("Sampler", "Schedule type")}
     typed = {
-        "Steps": ("steps", int), "Sampler": ("sampler", str), "CFG scale": ("cfg", float),
+        "Steps": ("steps", int), "CFG scale": ("cfg", float),
         "Seed": ("seed", int), "Model hash": ("model_hash", str), "Model": ("model", str),
         "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
         "Pad conds": ("pad_conds", lambda v: v == "True"), "Batch size": ("batch_size", int), "Batch pos": ("batch_pos", int),
