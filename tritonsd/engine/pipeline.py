@@ -93,7 +93,7 @@ class Pipeline:
             if not isinstance(size, int) or size <= 0 or size % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {size!r}")
         _check_common(batch_size, guidance_scale, output_type)
-        plan = make_plan(sampler, steps)
+        plan = make_plan(sampler, steps, prediction_type=self.config.prediction_type)
         generator = _generator(seed)
         context = self._context(prompts, negatives, batch_size, guidance_scale)
         shape = (len(prompts) * batch_size, self.config.unet.in_channels, height // self.vae_scale, width // self.vae_scale)
@@ -109,7 +109,7 @@ class Pipeline:
     ):
         prompts, negatives = _prompt_lists(prompt, negative_prompt)
         _check_common(batch_size, guidance_scale, output_type)
-        plan = make_plan(sampler, steps, strength)
+        plan = make_plan(sampler, steps, strength, self.config.prediction_type)
         pixels = _image_tensor(image, self.vae_scale).to(self.device, self.dtype)
         generator = _generator(seed)
         context = self._context(prompts, negatives, batch_size, guidance_scale)

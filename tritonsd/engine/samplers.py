@@ -7,16 +7,24 @@ out up front on the host in float64 as per-step coefficients (a, b, c, s, d, e):
 
 and the GPU loop is one fused step per UNet call with no host-device sync. Each sampler reproduces the
 diffusers scheduler built from SD 1.x's scheduler config (scaled_linear betas, steps_offset=1,
-set_alpha_to_one=False) with that scheduler's defaults, and img2img truncation follows diffusers'
-StableDiffusionImg2ImgPipeline.get_timesteps."""
+set_alpha_to_one=False; SD 2.x's is the same) with that scheduler's defaults, and img2img truncation follows
+diffusers' StableDiffusionImg2ImgPipeline.get_timesteps.
+
+A v-prediction model's output v is itself linear in what the model sees, so it changes only the coefficients:
+the model reads x_in = c_in*x, the noisy latent at noise level alphā (x_in = sqrt(alphā)*x0 + sqrt(1-alphā)*eps),
+and v = sqrt(alphā)*eps - sqrt(1-alphā)*x0 gives eps = sqrt(1-alphā)*x_in + sqrt(alphā)*v. Substituting that
+eps into a step's rows makes them rows in x and v, and the fused step runs unchanged."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from tritonsd.engine.config import PREDICTION_TYPES
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
 
@@ -39,19 +47,22 @@ class SamplerPlan:
     name: str
     timesteps: torch.Tensor  # float64 [n]: the UNet's timestep input per step
     c_in: torch.Tensor  # float64 [n]: the UNet sees x * c_in[i]
-    coef: torch.Tensor  # float64 [n, 6]: (a, b, c, s, d, e) per step
+    alpha_cumprod: torch.Tensor  # float64 [n]: the noise level alphā of what the UNet sees at step i
+    coef: torch.Tensor  # float64 [n, 6]: (a, b, c, s, d, e) per step, for the model's prediction type
     noise_steps: tuple[bool, ...]  # step i draws fresh noise (scaled by s)
     uses_extra: bool  # DPM++ carries the previous x0 prediction
     init_scale: float  # txt2img: x = randn * init_scale
     add_noise: tuple[float, float]  # img2img: x = p * x0 + q * noise before the first step
 
 
-def _plan(name, timesteps, coef, *, c_in=None, noise_steps=None, uses_extra=False, init_scale=1.0, add_noise):
+def _plan(name, timesteps, coef, *, alpha_cumprod, c_in=None, noise_steps=None, uses_extra=False, init_scale=1.0,
+          add_noise):
     n = len(timesteps)
     return SamplerPlan(
         name=name,
         timesteps=torch.tensor(np.asarray(timesteps, dtype=np.float64)),
         c_in=torch.ones(n, dtype=torch.float64) if c_in is None else torch.tensor(c_in, dtype=torch.float64),
+        alpha_cumprod=torch.tensor(np.asarray(alpha_cumprod, dtype=np.float64)),
         coef=torch.tensor(np.stack(coef, axis=-1), dtype=torch.float64),
         noise_steps=(False,) * n if noise_steps is None else tuple(bool(v) for v in noise_steps),
         uses_extra=uses_extra,
@@ -88,7 +99,7 @@ def _ddpm(steps: int, start: int) -> SamplerPlan:
         zero,
         zero,
     )
-    return _plan("ddpm", ts, coef, noise_steps=noise_steps, add_noise=_vp_add_noise(a_t[0]))
+    return _plan("ddpm", ts, coef, alpha_cumprod=a_t, noise_steps=noise_steps, add_noise=_vp_add_noise(a_t[0]))
 
 
 def _ddim(steps: int, start: int) -> SamplerPlan:
@@ -100,7 +111,7 @@ def _ddim(steps: int, start: int) -> SamplerPlan:
     a = np.sqrt(a_prev / a_t)
     b = np.sqrt(1 - a_prev) - np.sqrt(a_prev * (1 - a_t) / a_t)
     zero = np.zeros_like(a_t)
-    return _plan("ddim", ts, (a, b, zero, zero, zero, zero), add_noise=_vp_add_noise(a_t[0]))
+    return _plan("ddim", ts, (a, b, zero, zero, zero, zero), alpha_cumprod=a_t, add_noise=_vp_add_noise(a_t[0]))
 
 
 def _interp_sigmas(timesteps: np.ndarray) -> np.ndarray:
@@ -122,6 +133,7 @@ def _euler(steps: int, start: int, ancestral: bool) -> SamplerPlan:
         "euler_a" if ancestral else "euler",
         full[start:],
         (one, sigma_next - sigma, zero, sigma_up, zero, zero),
+        alpha_cumprod=1 / (sigma**2 + 1),
         c_in=1 / np.sqrt(sigma**2 + 1),
         noise_steps=np.full(len(sigma), ancestral),
         init_scale=sigmas.max(),
@@ -178,6 +190,7 @@ def _dpmpp_2m(steps: int, start: int, karras: bool) -> SamplerPlan:
         "dpmpp_2m_karras" if karras else "dpmpp_2m",
         full[start:],
         tuple(coef.T),
+        alpha_cumprod=alphas[start:-1] ** 2,
         uses_extra=True,
         add_noise=(alphas[start], sigmas[start] * alphas[start]),
     )
@@ -193,10 +206,23 @@ _BUILDERS = {
 }
 
 
-def make_plan(sampler: str, steps: int, strength: float = 1.0) -> SamplerPlan:
-    """The whole run of `sampler` over `steps` steps; strength < 1 keeps only the last steps (img2img)."""
+def _from_v_prediction(plan: SamplerPlan) -> SamplerPlan:
+    """The plan's rows in x and v instead of x and eps: eps = p*x + q*v with p = c_in*sqrt(1-alphā), q = sqrt(alphā)
+    (module docstring), so each row's x weight gains its eps weight times p and its eps weight is multiplied by q."""
+    p = plan.c_in * (1 - plan.alpha_cumprod).sqrt()
+    q = plan.alpha_cumprod.sqrt()
+    a, b, c, s, d, e = plan.coef.unbind(1)
+    coef = torch.stack([a + b * p, b * q, c, s, d + e * p, e * q], dim=1)
+    return dataclasses.replace(plan, coef=coef)
+
+
+def make_plan(sampler: str, steps: int, strength: float = 1.0, prediction_type: str = "epsilon") -> SamplerPlan:
+    """The whole run of `sampler` over `steps` steps; strength < 1 keeps only the last steps (img2img).
+    prediction_type is the model's: "epsilon" or "v_prediction"."""
     if sampler not in _BUILDERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
     # With steps_offset=1, DDPM/DDIM's leading spacing would step past the last training timestep at 1000 steps.
     if not 1 <= steps < NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"steps must be in [1, {NUM_TRAIN_TIMESTEPS - 1}], got {steps}")
@@ -208,4 +234,5 @@ def make_plan(sampler: str, steps: int, strength: float = 1.0) -> SamplerPlan:
             f"strength {strength} with {steps} steps leaves no denoising step; "
             f"steps * strength must be at least 1"
         )
-    return _BUILDERS[sampler](steps, steps - kept)
+    plan = _BUILDERS[sampler](steps, steps - kept)
+    return _from_v_prediction(plan) if prediction_type == "v_prediction" else plan
