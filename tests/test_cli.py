@@ -225,7 +225,7 @@ def test_info_describes_checkpoints(capsys, model, tmp_path):
 def test_info_rejects_what_is_not_a_stable_diffusion_checkpoint(capsys, foreign, model, tmp_path):
     stdout, stderr = cli_fails(capsys, "info", foreign)
     assert "architecture  unknown" in stdout and "fc 50" in stdout, f"info should still say what the file holds:\n{stdout}"
-    assert stderr.startswith("tritonsd: error: ") and "not a Stable Diffusion 1.x checkpoint" in stderr, stderr
+    assert stderr.startswith("tritonsd: error: ") and "not a Stable Diffusion 1.x or 2.x checkpoint" in stderr, stderr
     text = tmp_path / "notes.txt"
     text.write_text("not weights")
     _, stderr = cli_fails(capsys, "info", text)

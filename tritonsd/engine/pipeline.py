@@ -40,12 +40,14 @@ class Pipeline:
     @classmethod
     def from_checkpoint(
         cls, path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-        config: ModelConfig | None = None,
+        config: ModelConfig | None = None, prediction_type: str | None = None,
     ) -> "Pipeline":
-        """Load an original single-file checkpoint, a diffusers folder or a tritonsd file (the demo model if no path)."""
+        """Load an original single-file checkpoint, a diffusers folder or a tritonsd file (the demo model if no path).
+        prediction_type ("epsilon" or "v_prediction") overrides what the checkpoint says its UNet predicts."""
         from tritonsd import loader
 
-        model, tokenizer = loader.load(loader.default_model() if path is None else path, device=device, dtype=dtype, config=config)
+        model, tokenizer = loader.load(loader.default_model() if path is None else path, device=device, dtype=dtype,
+                                       config=config, prediction_type=prediction_type)
         return cls(model, tokenizer)
 
     @property
@@ -85,7 +87,7 @@ class Pipeline:
         sampler: str = "euler", seed: int | None = None, width: int | None = None, height: int | None = None,
         batch_size: int = 1, output_type: str = "pil", progress: bool = False,
     ):
-        """width and height default to the size the model was trained at (512 for SD1.x)."""
+        """width and height default to the size the model was trained at (512 for SD 1.x, 768 for SD 2.x v-models)."""
         prompts, negatives = _prompt_lists(prompt, negative_prompt)
         width = self.default_size if width is None else width
         height = self.default_size if height is None else height

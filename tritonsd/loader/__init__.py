@@ -1,11 +1,18 @@
-"""Loading Stable Diffusion 1.x checkpoints in the formats people have, and saving the engine's own.
+"""Loading Stable Diffusion 1.x and 2.x checkpoints in the formats people have, and saving the engine's own.
 
 Formats: "single_file" (an original CompVis checkpoint: .safetensors, or a .ckpt/.pt/.pth pickle read weights-only),
 "diffusers" (a folder with unet/, vae/, text_encoder/ and maybe tokenizer/), and "tritonsd" (a safetensors file in
 the engine's names whose metadata holds its ModelConfig).
+
+What the UNet predicts (noise or v) is read, in this order, from: an explicit prediction_type, the config given or
+beside the file (NAME.json), the engine's own file, a diffusers scheduler config, a single file's own metadata
+(modelspec.prediction_type, ComfyUI's v_pred marker); with none of those, SD 1.x files are noise-predicting and an
+SD 2.x file's UNet is put to AUTOMATIC1111's test (infer.probe_prediction_type).
 """
 
+import dataclasses
 import json
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -19,9 +26,13 @@ from tritonsd.engine.model import StableDiffusion
 from tritonsd.engine.tokenizer import CLIPTokenizer
 from tritonsd.loader.convert import from_diffusers, from_original
 from tritonsd.loader.formats import CheckpointError, read_diffusers, read_file
-from tritonsd.loader.infer import architecture, config_from_diffusers, infer_config
+from tritonsd.loader.infer import (
+    SUPPORTED, architecture, config_from_diffusers, infer_config, probe_prediction_type, stated_prediction_type,
+)
 
 __all__ = ["CheckpointError", "default_model", "load_state_dict", "infer_config", "load", "save", "describe"]
+
+logger = logging.getLogger(__name__)
 
 FORMAT_TAG = "tritonsd"
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "engine" / "data" / "demo" / "demo.safetensors"
@@ -32,7 +43,7 @@ def default_model() -> Path:
     if not DEMO_MODEL.is_file():
         raise CheckpointError(
             "no checkpoint given and the demo model is not installed with this copy of tritonsd; "
-            "point it at an SD1.x checkpoint (Pipeline.from_checkpoint(PATH), or --model PATH on the command line)"
+            "point it at an SD checkpoint (Pipeline.from_checkpoint(PATH), or --model PATH on the command line)"
         )
     return DEMO_MODEL
 
@@ -46,11 +57,13 @@ def _read(path: Path, dtype: torch.dtype | None, device) -> tuple[str, dict, dic
     raw, metadata = read_file(path, dtype, device)
     if metadata.get("format") == FORMAT_TAG:
         return FORMAT_TAG, raw, metadata
+    if "v_pred" in raw:  # ComfyUI's mark of a v-prediction model: a flag, not a weight
+        metadata = {**metadata, "v_pred": "true"}
     return "single_file", from_original(raw), metadata
 
 
 def load_state_dict(path, *, dtype: torch.dtype | None = None, device="cpu") -> tuple[str, dict, dict]:
-    """(format, tensors under the engine's names, metadata) of an SD1.x checkpoint. Metadata is the safetensors
+    """(format, tensors under the engine's names, metadata) of an SD 1.x/2.x checkpoint. Metadata is the safetensors
     header's, or for a diffusers folder each part's config.json. dtype/device cast tensor by tensor while reading."""
     path = Path(path)
     fmt, state, metadata = _read(path, dtype, device)
@@ -60,25 +73,58 @@ def load_state_dict(path, *, dtype: torch.dtype | None = None, device="cpu") -> 
         raise CheckpointError(
             f"{path}: not a Stable Diffusion checkpoint: {evidence}; its {len(state)} tensors begin {first}"
         )
-    if name != "SD1.x":
-        raise CheckpointError(f"{path}: looks like {name} ({evidence}); tritonsd runs SD 1.x models only")
+    if name not in SUPPORTED:
+        raise CheckpointError(
+            f"{path}: looks like {name} ({evidence}); tritonsd runs SD 1.x and SD 2.x text-to-image models"
+        )
     return fmt, state, metadata
 
 
-def _config(path: Path, fmt: str, state: dict, metadata: dict) -> ModelConfig:
-    """The config a checkpoint says it has: its own metadata, diffusers' config.json files, a NAME.json beside a
-    single file, or else what its shapes imply."""
+def _config(path: Path, fmt: str, state: dict, metadata: dict, prediction_type: str | None = None
+            ) -> tuple[ModelConfig, str | None]:
+    """The config a checkpoint says it has (its own metadata, diffusers' config.json files, a NAME.json beside a single
+    file, or else what its shapes imply) with prediction_type, if given, in place of its own; and where the
+    prediction type came from: None when nothing says and the UNet has to be tested (_probe)."""
     side = path.with_suffix(".json")
     try:
         if fmt == FORMAT_TAG:
-            return ModelConfig.from_dict(json.loads(metadata.get("config", "null")))
-        if fmt == "diffusers":
-            return config_from_diffusers(metadata)
-        if side.is_file():
-            return ModelConfig.from_json(side)
-        return infer_config(state)
+            config, source = ModelConfig.from_dict(json.loads(metadata.get("config", "null"))), "the file's config"
+        elif fmt == "diffusers":
+            config = config_from_diffusers(metadata)
+            source = "scheduler/scheduler_config.json" if "scheduler" in metadata else _family_rule(state)
+        elif side.is_file():
+            config, source = ModelConfig.from_json(side), side.name
+        else:
+            stated = stated_prediction_type(metadata)
+            source = "the file's metadata" if stated else _family_rule(state)
+            # The default size follows the prediction type here: SD 2.x's v-prediction models draw at 768.
+            config = infer_config(state, prediction_type or stated or "epsilon")
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if prediction_type is None:
+        return config, source
+    return _with_prediction_type(config, prediction_type), "given"
+
+
+def _family_rule(state: dict) -> str | None:
+    """SD 1.x models predict noise; SD 2.x comes both ways, so None: the UNet is tested."""
+    return "SD 1.x (noise-predicting)" if architecture(state)[0] == "SD1.x" else None
+
+
+def _with_prediction_type(config: ModelConfig, prediction_type: str) -> ModelConfig:
+    config = dataclasses.replace(config, prediction_type=prediction_type)
+    config.validate()
+    return config
+
+
+def _probe(fmt: str, state: dict, config: ModelConfig, unet: nn.Module) -> tuple[ModelConfig, str]:
+    """The config with the prediction type AUTOMATIC1111's test finds in the loaded UNet (and, for a config read off
+    the shapes, the default size that goes with it), and what the test measured."""
+    prediction_type, statistic = probe_prediction_type(unet, config)
+    found = f"a test evaluation of its UNet (mean output - input {statistic:.2f}; v-prediction below -1)"
+    if fmt == "single_file":
+        return infer_config(state, prediction_type), found
+    return _with_prediction_type(config, prediction_type), found
 
 
 def _mismatches(state: dict, expected: dict) -> tuple[list[str], list[str], list[str]]:
@@ -99,23 +145,37 @@ def _check(path: Path, state: dict, expected: dict) -> None:
             more = f", ... ({len(items) - 10} more)" if len(items) > 10 else ""
             problems.append(f"{len(items)} {what} tensor(s): {', '.join(items[:10])}{more}")
     if problems:
-        raise CheckpointError(f"{path}: does not match the SD 1.x model of its config; " + "; ".join(problems))
+        raise CheckpointError(f"{path}: does not match the model its config describes; " + "; ".join(problems))
 
 
-def load(path, *, device="cpu", dtype: torch.dtype = torch.float32, config: ModelConfig | None = None
-         ) -> tuple[StableDiffusion, CLIPTokenizer]:
+def load(path, *, device="cpu", dtype: torch.dtype = torch.float32, config: ModelConfig | None = None,
+         prediction_type: str | None = None) -> tuple[StableDiffusion, CLIPTokenizer]:
     """The model, ready for inference, and its tokenizer. The modules are built on the meta device and take the
-    checkpoint's tensors as they are (cast once), so the weights are in memory once and never randomly initialised."""
+    checkpoint's tensors as they are (cast once), so the weights are in memory once and never randomly initialised.
+    prediction_type ("epsilon" or "v_prediction") overrides what the checkpoint or config says."""
     path = Path(path)
     fmt, state, metadata = load_state_dict(path, dtype=dtype, device=device)
-    config = config or _config(path, fmt, state, metadata)
+    if config is None:
+        config, source = _config(path, fmt, state, metadata, prediction_type)
+    else:
+        config, source = (config if prediction_type is None else _with_prediction_type(config, prediction_type)), "given"
     model = StableDiffusion.on_meta(config)
     _check(path, state, model.state_dict())
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
+    if source is None:
+        model.config, found = _probe(fmt, state, config, model.unet)
+        logger.warning("%s: nothing says what this SD 2.x model predicts; %s says %s. Pass prediction_type "
+                       "(--prediction-type) to choose, or keep the answer with `tritonsd convert`.",
+                       path, found, model.config.prediction_type)
     if fmt == "diffusers" and (path / "tokenizer" / "vocab.json").is_file():
-        return model, CLIPTokenizer.from_folder(path / "tokenizer")
-    return model, CLIPTokenizer.default()
+        tokenizer = CLIPTokenizer.from_folder(path / "tokenizer")
+    else:
+        tokenizer = CLIPTokenizer.default()
+    try:
+        return model, tokenizer.with_pad_token(model.config.text.pad_token)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def save(model_or_state: nn.Module | dict, config: ModelConfig, path, dtype: torch.dtype | None = None) -> None:
@@ -135,8 +195,9 @@ def save(model_or_state: nn.Module | dict, config: ModelConfig, path, dtype: tor
 
 
 def describe(path) -> dict:
-    """What a checkpoint holds, for `tritonsd info`: format, architecture, config, dtypes, parameters per part, and
-    the tensors missing, unexpected or wrongly shaped for its config. Only unreadable files raise."""
+    """What a checkpoint holds, for `tritonsd info`: format, architecture, config, where its prediction type comes
+    from, dtypes, parameters per part, and the tensors missing, unexpected or wrongly shaped for its config. Only
+    unreadable files raise."""
     path = Path(path)
     fmt, state, metadata = _read(path, None, "cpu")
     name, evidence = architecture(state)
@@ -147,15 +208,20 @@ def describe(path) -> dict:
         "path": str(path), "format": fmt, "architecture": name, "evidence": evidence, "config": None,
         "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in state.values())),
         "parameters": dict(parts), "missing": [], "unexpected": [], "wrong_shape": [], "problem": None,
+        "prediction_source": None,
     }
-    if name != "SD1.x":
+    if name not in SUPPORTED:
         return info
     try:
-        config = _config(path, fmt, state, metadata)
+        config, source = _config(path, fmt, state, metadata)
     except CheckpointError as e:
         info["problem"] = str(e)
         return info
+    model = StableDiffusion.on_meta(config)
+    info["missing"], info["unexpected"], info["wrong_shape"] = _mismatches(state, model.state_dict())
+    if source is None and not any((info["missing"], info["unexpected"], info["wrong_shape"])):
+        model.load_state_dict(state, strict=True, assign=True)
+        config, source = _probe(fmt, state, config, model.unet.eval())
     info["config"] = config.to_dict()
-    expected = StableDiffusion.on_meta(config).state_dict()
-    info["missing"], info["unexpected"], info["wrong_shape"] = _mismatches(state, expected)
+    info["prediction_source"] = source or "nothing yet: the UNet is tested once its tensors match"
     return info
