@@ -60,11 +60,12 @@ def random_state(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def open_clip_text_tower(text: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+def open_clip_text_tower(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF CLIPTextModel names (without text_model.) -> OpenCLIP's, as SD 2.x's original files store the tower: one
     attention input projection per block with q, k and v stacked (in_proj_weight, in_proj_bias), ln_1/ln_2,
-    mlp.c_fc/c_proj, positional_embedding, token_embedding, ln_final, and what SD 2.x never uses: a last block
-    (random, so a loader that ran it would differ), the pooled-feature text_projection and the logit_scale."""
+    mlp.c_fc/c_proj, positional_embedding, token_embedding, ln_final, and what SD 2.x never uses: a last block (the
+    one before it, rolled and scaled, so a loader that ran it would differ), the pooled-feature text_projection and
+    the logit_scale."""
     blocks = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
               "mlp.fc2": "mlp.c_proj"}
     out = {
@@ -81,14 +82,12 @@ def open_clip_text_tower(text: dict[str, torch.Tensor], seed: int = 0) -> dict[s
                 [text[f"{layer}self_attn.{p}_proj.{param}"] for p in "qkv"])
             for ours, theirs in blocks.items():
                 out[f"transformer.resblocks.{i}.{theirs}.{param}"] = text[f"{layer}{ours}.{param}"]
-    gen = torch.Generator().manual_seed(seed + 1)
     last = len(layers)
     for k in [k for k in out if k.startswith(f"transformer.resblocks.{last - 1}.")]:
-        t = out[k]
-        out[k.replace(f"resblocks.{last - 1}.", f"resblocks.{last}.")] = t + 0.5 * torch.randn(t.shape, generator=gen)
-    width = text["final_layer_norm.weight"].shape[0]
-    out["text_projection"] = torch.randn(width, width, generator=gen) / width**0.5
-    out["logit_scale"] = torch.tensor(4.6052)
+        out[k.replace(f"resblocks.{last - 1}.", f"resblocks.{last}.")] = 1.5 * out[k].roll(1, 0)
+    ln = text["final_layer_norm.weight"]
+    out["text_projection"] = torch.eye(ln.shape[0], dtype=ln.dtype, device=ln.device)
+    out["logit_scale"] = torch.tensor(4.6052, dtype=ln.dtype, device=ln.device)
     return out
 
 
