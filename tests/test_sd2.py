@@ -6,6 +6,7 @@ run are refused by name. Parity with diffusers' pipelines is in test_parity.py."
 import dataclasses
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -38,6 +39,18 @@ BARE = ModelConfig.from_dict({
 @pytest.fixture(scope="module")
 def sd2_state():
     return random_state(TINY_SD2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def sd2_folder(tmp_path_factory, sd2_state):
+    """TINY_SD2 as a diffusers folder; tests that change it take a copy (copy_folder)."""
+    folder = tmp_path_factory.mktemp("sd2") / "diffusers"
+    write_diffusers_folder(folder, original_checkpoint(sd2_state, open_clip=True), TINY_SD2)
+    return folder
+
+
+def copy_folder(folder, tmp_path):
+    return shutil.copytree(folder, tmp_path / folder.name)
 
 
 def constant_output_state(config: ModelConfig, value: float) -> dict:
@@ -73,12 +86,15 @@ def test_original_file_maps_onto_engine_exactly(tmp_path, sd2_state, fmt):
 
 
 @pytest.mark.parametrize("config", [TINY_SD2, TINY_SD2_V], ids=["epsilon", "v"])
-def test_diffusers_folder_round_trips_with_its_config(tmp_path, sd2_state, config):
-    write_diffusers_folder(tmp_path, original_checkpoint(sd2_state, open_clip=True), config)
-    fmt, state, _ = loader.load_state_dict(tmp_path)
+def test_diffusers_folder_round_trips_with_its_config(tmp_path, sd2_state, sd2_folder, config):
+    folder = sd2_folder
+    if config is TINY_SD2_V:
+        folder = tmp_path / "v"
+        write_diffusers_folder(folder, original_checkpoint(sd2_state, open_clip=True), config)
+    fmt, state, _ = loader.load_state_dict(folder)
     assert fmt == "diffusers"
     assert_same_tensors(state, sd2_state, "SD 2.x diffusers folder converted back")
-    model, tokenizer = loader.load(tmp_path)
+    model, tokenizer = loader.load(folder)
     # Heads per level (2 and 4 of 16 wide), Linear projections, the scheduler's prediction type, the tokenizer's pad.
     assert model.config == config, f"config from the folder {model.config} != {config}"
     assert tokenizer.pad_id == 0, f"SD 2.x pads with id 0, the folder's tokenizer pads with {tokenizer.pad_id}"
@@ -263,14 +279,28 @@ def test_bad_prediction_type_argument_is_refused(tmp_path):
         Pipeline.from_checkpoint(path, prediction_type="v")
 
 
-def test_an_unclip_diffusers_folder_is_refused_by_name(tmp_path, sd2_state):
-    write_diffusers_folder(tmp_path, original_checkpoint(sd2_state, open_clip=True), TINY_SD2)
-    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+@pytest.mark.parametrize("heads, message", [
+    ([2, 3], r"heads \[2, 3\] for channels \[32, 64\] share neither a count nor a width"),
+    ([2, 0], r"head counts \[2, 0\] are not one positive count per level"),
+    ([2], r"head counts \[2\] are not one positive count per level"),
+])
+def test_diffusers_head_counts_that_fit_no_config_are_refused(tmp_path, sd2_folder, heads, message):
+    folder = copy_folder(sd2_folder, tmp_path)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    assert config["attention_head_dim"] == [2, 4], "TINY_SD2's heads: 2 and 4 of 16 wide"
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "attention_head_dim": heads}))
+    with pytest.raises(CheckpointError, match=message):
+        loader.load(folder)
+
+
+def test_an_unclip_diffusers_folder_is_refused_by_name(tmp_path, sd2_folder):
+    folder = copy_folder(sd2_folder, tmp_path)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     unet = safetensors.torch.load_file(weights)
     unet["class_embedding.linear_1.weight"] = torch.zeros(128, 64)
     safetensors.torch.save_file(unet, weights)
     with pytest.raises(CheckpointError, match="looks like SD2.x unCLIP"):
-        loader.load(tmp_path)
+        loader.load(folder)
 
 
 # --- the command line --------------------------------------------------------------------------------------------------

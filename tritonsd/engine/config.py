@@ -122,13 +122,13 @@ class ModelConfig:
                 f"give the UNet's attention either num_heads or num_head_channels, the other -1; "
                 f"got num_heads={u.num_heads}, num_head_channels={u.num_head_channels}"
             )
+        heads = ("num_heads", u.num_heads) if u.num_head_channels == -1 else ("num_head_channels", u.num_head_channels)
         for m in u.channel_mult:
             ch = m * u.model_channels
             if ch % u.norm_groups:
                 raise ValueError(f"unet channels {ch} not divisible by norm_groups {u.norm_groups}")
-            what, split = ("num_heads", u.num_heads) if u.num_head_channels == -1 else ("num_head_channels", u.num_head_channels)
-            if split <= 0 or ch % split:
-                raise ValueError(f"unet channels {ch} not divisible by {what} {split}")
+            if heads[1] <= 0 or ch % heads[1]:
+                raise ValueError(f"unet channels {ch} not divisible by {heads[0]} {heads[1]}")
         for m in v.ch_mult:
             if (m * v.ch) % v.norm_groups:
                 raise ValueError(f"vae channels {m * v.ch} not divisible by norm_groups {v.norm_groups}")

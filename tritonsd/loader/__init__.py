@@ -95,7 +95,7 @@ def _config(path: Path, fmt: str, state: dict, metadata: dict, prediction_type: 
         elif side.is_file():
             config, source = ModelConfig.from_json(side), side.name
         else:
-            stated = stated_prediction_type(metadata)
+            stated = None if prediction_type else stated_prediction_type(metadata)
             source = "the file's metadata" if stated else _family_rule(state)
             # The default size follows the prediction type here: SD 2.x's v-prediction models draw at 768.
             config = infer_config(state, prediction_type or stated or "epsilon")

@@ -1,6 +1,5 @@
 """What a checkpoint is, the ModelConfig its tensor shapes imply, and what its UNet predicts."""
 
-import logging
 import re
 
 import torch
@@ -8,8 +7,6 @@ import torch
 from tritonsd import kernels
 from tritonsd.engine.config import ModelConfig
 from tritonsd.loader.formats import CheckpointError
-
-logger = logging.getLogger(__name__)
 
 # The architectures the engine runs; architecture() names others so that they can be refused by name.
 SUPPORTED = ("SD1.x", "SD2.x")
@@ -138,6 +135,8 @@ def _heads(heads, block_out_channels) -> dict:
     (SD 1.x) or a width shared by every level (SD 2.x: 5, 10, 20, 20 heads of 64)."""
     if isinstance(heads, int):
         return dict(num_heads=heads, num_head_channels=-1)
+    if not all(isinstance(h, int) and h > 0 for h in heads) or len(heads) != len(block_out_channels):
+        raise CheckpointError(f"the UNet's head counts {heads!r} are not one positive count per level")
     if len(set(heads)) == 1:
         return dict(num_heads=heads[0], num_head_channels=-1)
     widths = {c // h for c, h in zip(block_out_channels, heads)}
@@ -221,9 +220,9 @@ def stated_prediction_type(metadata: dict) -> str | None:
 def probe_prediction_type(unet: torch.nn.Module, config: ModelConfig) -> tuple[str, float]:
     """AUTOMATIC1111's test for an SD 2.x file that does not say what its UNet predicts: one evaluation at the last
     training timestep (999) of an 8x8 latent of 0.5s under a 2-token context of 0.5s. There the latent is nearly all
-    noise, so a noise-predicting model returns about its input, while a v-predicting one's output is
-    about minus the model's guess of the clean latent; AUTOMATIC1111 takes a mean of (output - input) below -1 for
-    v-prediction. Returns the decision and that mean."""
+    noise, so a noise-predicting model returns about its input, while a v-predicting one returns about minus its
+    guess of the clean latent; AUTOMATIC1111 takes a mean of (output - input) below -1 for v-prediction. Runs the
+    reference ops (nothing to compile for one call). Returns the decision and that mean."""
     weight = unet.out[2].weight
     with torch.inference_mode(), kernels.backend("torch"):
         x = torch.full((1, config.unet.in_channels, 8, 8), 0.5, dtype=weight.dtype, device=weight.device)
