@@ -1,6 +1,6 @@
-"""Ahead-of-time compilation of every kernel variant the engine launches at SD1.5's shapes, for Hopper (sm_90), with
-no GPU. Run as a script it compiles them all and prints one JSON line: {case: {"error": ..., "narrow_loads": ..., "mma_nk": ...,
-"plan": ... for attention}}.
+"""Ahead-of-time compilation of every kernel variant the engine launches at SD 1.5's and SD 2.x's shapes, for Hopper
+(sm_90), with no GPU. Run as a script it compiles them all and prints one JSON line: {case: {"error": ...,
+"narrow_loads": ..., "mma_nk": ..., "plan": ... for attention}}.
 
 It must run without TRITON_INTERPRET: under the interpreter, Triton's own jitted helpers (tl.cdiv, tl.sigmoid) are
 interpreter functions and cannot be compiled. Pointer arguments are taken as 16-byte aligned and integer arguments
@@ -17,7 +17,8 @@ import torch
 CASES = (
     [f"attention-{dt}-D{d}-Lk{lk}{'-causal' if causal else ''}" for dt in ("fp16", "bf16", "fp32")
      for d, lk, causal in ((40, 4096, False), (40, 77, False), (80, 1024, False), (80, 77, False), (160, 256, False),
-                           (160, 77, False), (64, 77, True), (256, 20, False))]
+                           (160, 77, False), (64, 77, True), (256, 20, False),
+                           (64, 9216, False), (64, 77, False))]  # SD 2.x's UNet: heads of 64, self and cross
     + [f"group_norm-{dt}-{shape}-{'shift' if shift else 'plain'}" for dt in ("fp16", "fp32")
        for shape in ("2x320x4096-cl", "2x1280x64-cl", "1x128x262144-cl", "1x128x262144-nchw") for shift in (False, True)]
     + [f"guided_step-{flags}" for flags in ("guided", "guided-extra", "noise")]
