@@ -311,7 +311,7 @@ def run(capsys, *argv) -> tuple[str, str]:
     return captured.out, captured.err
 
 
-def test_command_line_runs_describes_and_converts_sd2(capsys, tmp_path):
+def test_command_line_runs_batches_describes_and_converts_sd2(capsys, tmp_path):
     model = tmp_path / "sd2v.safetensors"
     write_single_file(model, random_state(TINY_SD2_V, seed=1), open_clip=True)
     model.with_suffix(".json").write_text(TINY_SD2_V.to_json())
@@ -326,6 +326,15 @@ def test_command_line_runs_describes_and_converts_sd2(capsys, tmp_path):
     rows = dict(line.split(None, 1) for line in stdout.splitlines()[1:])
     assert rows["architecture"].startswith("SD2.x") and rows["prediction"] == "v_prediction (from sd2v.json)", rows
     assert "num_head_channels=16" in rows["config.unet"] and "pad_token=!" in rows["config.text"], rows
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\nblue sphere\n")
+    stdout, _ = run(capsys, "batch", prompts, "--out", tmp_path / "batch", "--model", model, *fast)
+    written = [tmp_path / "batch" / f"0000{n}.png" for n in (1, 2)]
+    assert stdout.split() == [str(p) for p in written], stdout
+    recorded = [parse_parameters(Image.open(p).text["parameters"]) for p in written]
+    got = [(r["prompt"], r["seed"], r["model"]) for r in recorded]
+    assert got == [("a red cube", 5, "sd2v"), ("blue sphere", 6, "sd2v")], f"batch PNGs record {got}"
 
     # Forced to epsilon, the same seed gives another picture.
     run(capsys, "txt2img", "a red cube", "--model", model, "-o", tmp_path / "eps.png", "--prediction-type", "epsilon",
