@@ -20,10 +20,10 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from tritonsd import loader
-from tritonsd.loader.infer import SUPPORTED
 from tritonsd.engine.config import PREDICTION_TYPES, ModelConfig
 from tritonsd.engine.pipeline import Pipeline
 from tritonsd.engine.samplers import SAMPLERS, make_plan
+from tritonsd.loader.infer import SUPPORTED
 from tritonsd.pngmeta import format_parameters, model_hash
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
