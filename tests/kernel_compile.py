@@ -1,6 +1,6 @@
-"""Ahead-of-time compilation of every kernel variant the engine launches at SD1.5's shapes, for Hopper (sm_90), with
-no GPU. Run as a script it compiles them all and prints one JSON line: {case: {"error": ..., "narrow_loads": ..., "mma_nk": ...,
-"plan": ... for attention}}.
+"""Ahead-of-time compilation of every kernel variant the engine launches at SD 1.5's and SD 2.x's shapes, for Hopper
+(sm_90), with no GPU. Run as a script it compiles them all and prints one JSON line: {case: {"error": ...,
+"narrow_loads": ..., "mma_nk": ..., "plan": ... for attention}}.
 
 It must run without TRITON_INTERPRET: under the interpreter, Triton's own jitted helpers (tl.cdiv, tl.sigmoid) are
 interpreter functions and cannot be compiled. Pointer arguments are taken as 16-byte aligned and integer arguments
@@ -16,10 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from tools.sd15_shapes import SD15  # noqa: E402
+from tools.sd15_shapes import SD15, SD21_768  # noqa: E402
 
 # (head dim, keys, causal) of each attention the engine launches, and the largest head dim the kernel takes.
-_ATTENTION = dict.fromkeys([(d, lk, False) for _, _, _, lk, d in SD15.attention]
+_ATTENTION = dict.fromkeys([(d, lk, False) for _, _, _, lk, d in SD15.attention + SD21_768.attention]
                            + [(SD15.text_attention[4], SD15.text_attention[3], True), (256, 20, False)])
 # UNet level 0 and its deepest level (channels_last, as the engine runs them), and the VAE's widest full-size one.
 _GROUP_NORM = [f"{n}x{c}x{h * w}-cl" for n, c, h, w in (SD15.unet_group_norm[0], SD15.unet_group_norm[-1])]

@@ -101,6 +101,19 @@ def test_attention_reads_strided_views(dtype):
     assert_close(out, attention_f64(q, k, v), dtype, f"attention on strided views {dtype}")
 
 
+def test_attention_scores_beyond_float16_range():
+    """SD 2.1 in float16 overflows where attention scores are formed in float16 (diffusers upcasts them for it):
+    the kernel forms them in float32, so scores past 65504 give the float64 result."""
+    q = randn(1, 2, 64, 64) * 100
+    k = 0.9 * q + 30 * randn(1, 2, 64, 64)
+    v = randn(1, 2, 64, 64)
+    q, k, v = (t.half() for t in (q, k, v))
+    scores = (q @ k.transpose(-2, -1)) * 64**-0.5
+    assert torch.isinf(scores).any(), "the test's scores should overflow float16"
+    out = attention_triton(q, k, v)
+    assert_close(out, attention_f64(q, k, v), torch.float16, "attention with scores beyond float16's range")
+
+
 def test_attention_explicit_scale():
     q, k, v = randn(1, 2, 30, 64), randn(1, 2, 45, 64), randn(1, 2, 45, 64)
     out = attention_triton(q, k, v, scale=0.3)

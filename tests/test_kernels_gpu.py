@@ -77,6 +77,24 @@ def test_attention(shape, dtype):
     assert_close(out, attention_f64(q, k, v, causal), torch_out, dtype, f"attention {shape} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_attention_scores_beyond_float16_range_at_sd21_768(dtype):
+    """SD 2.1's first-level self-attention at 768x768 (9216 tokens, 5 heads of 64) with scores past float16's
+    65504, where diffusers has to upcast: the kernel's float32 scores and softmax give the float64 result."""
+    q = randn(2, 9216, 5, 64).transpose(1, 2) * 100
+    k = 0.9 * q + 30 * randn(2, 9216, 5, 64).transpose(1, 2)
+    v = randn(2, 9216, 5, 64).transpose(1, 2)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if dtype == torch.float16:
+        assert torch.isinf(q[:, :, :256] @ k[:, :, :256].transpose(-2, -1)).any(), "scores should overflow float16"
+    out = attention_triton(q, k, v)
+    ref = attention_f64(q, k, v)
+    bad = (~torch.isfinite(out)).sum().item()
+    assert bad == 0, f"{bad} of {out.numel()} outputs not finite"
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    assert rel_err(out, ref) <= tol, f"relative error {rel_err(out, ref):.2e} > {tol:.0e}"
+
+
 def test_vae_attention_takes_sdpa_in_half_precision():
     b, h, lq, _, d = SD15.vae_attention
     q, k, v = (randn(b, lq, h, d, dtype=torch.float16).transpose(1, 2) for _ in range(3))

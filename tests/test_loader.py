@@ -454,11 +454,6 @@ def _swap_text_encoder(ckpt: dict, new_prefix: str, tensors: dict) -> dict:
     return ckpt | {new_prefix + k: v for k, v in tensors.items()}
 
 
-def _sd2_openclip(ckpt):
-    openclip = {"transformer.resblocks.0.attn.in_proj_weight": torch.zeros(96, 32)}
-    return _swap_text_encoder(ckpt, "cond_stage_model.model.", openclip)
-
-
 def _sdxl(ckpt):
     return _swap_text_encoder(ckpt, "conditioner.embedders.", {
         "0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(10, 32),
@@ -466,23 +461,34 @@ def _sdxl(ckpt):
     })
 
 
-def _with(key, shape):
+def _with(*changes):
+    """Tensors added to (or replacing) a checkpoint's: (name, shape) pairs."""
     def change(ckpt):
-        return ckpt | {key: torch.zeros(shape)}
+        return ckpt | {key: torch.zeros(shape) for key, shape in changes}
     return change
 
 
+# SD 2.x's UNet: Linear transformer projections.
+SD2_UNET = ("model.diffusion_model.middle_block.1.proj_in.weight", (64, 64))
+
+
 @pytest.mark.parametrize("change, name", [
-    (_sd2_openclip, "SD2.x"),
-    (_with("model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight", (64, 1024)), "SD2.x"),
-    (_with("model.diffusion_model.middle_block.1.proj_in.weight", (64, 64)), "SD2.x"),
     (_sdxl, "SDXL"),
-    (_with("model.diffusion_model.label_emb.0.0.weight", (128, 2816)), "SDXL"),
-    (_with("model.diffusion_model.input_blocks.0.0.weight", (32, 9, 3, 3)), "SD1.x inpainting"),
-], ids=["sd2-openclip", "sd2-context-1024", "sd2-linear-proj-in", "sdxl-conditioner", "sdxl-label-emb", "inpainting"])
+    (_with(("model.diffusion_model.label_emb.0.0.weight", (128, 2816))), "SDXL"),
+    (_with(("model.diffusion_model.input_blocks.0.0.weight", (32, 9, 3, 3))), "SD1.x inpainting"),
+    (_with(SD2_UNET, ("model.diffusion_model.input_blocks.0.0.weight", (32, 9, 3, 3))), "SD2.x inpainting"),
+    (_with(("depth_model.model.pretrained.act_postprocess3.0.project.0.bias", (256,)),
+           ("model.diffusion_model.input_blocks.0.0.weight", (32, 5, 3, 3))), "SD2.x depth"),
+    (_with(SD2_UNET, ("model.diffusion_model.input_blocks.0.0.weight", (32, 5, 3, 3))), "SD2.x depth"),
+    (_with(("embedder.model.ln_final.weight", (1024,)), ("noise_augmentor.betas", (1000,)),
+           ("model.diffusion_model.label_emb.0.0.weight", (128, 2048))), "SD2.x unCLIP"),
+    (_with(("low_scale_model.betas", (350,)), ("model.diffusion_model.input_blocks.0.0.weight", (32, 7, 3, 3))),
+     "SD2.x x4 upscaler"),
+], ids=["sdxl-conditioner", "sdxl-label-emb", "sd1-inpainting", "sd2-inpainting", "sd2-depth", "sd2-depth-channels",
+        "sd2-unclip", "sd2-x4-upscaler"])
 def test_other_architectures_are_named(tmp_path, tiny_state, change, name):
     path = tmp_path / "model.safetensors"
     safetensors.torch.save_file(change(original_checkpoint(tiny_state, extras=False)), path)
-    with pytest.raises(CheckpointError, match=f"looks like {name} .*tritonsd runs SD 1.x"):
+    with pytest.raises(CheckpointError, match=f"looks like {name} .*tritonsd runs SD 1.x and SD 2.x text-to-image"):
         loader.load(path)
     assert loader.describe(path)["architecture"] == name

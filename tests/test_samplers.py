@@ -1,4 +1,5 @@
-"""Sampler plans against diffusers' schedulers, run the way diffusers' SD pipelines run them."""
+"""Sampler plans against diffusers' schedulers, run the way diffusers' SD pipelines run them, for noise-predicting
+(SD 1.x, SD 2.x 512) and v-predicting (SD 2.x 768) models."""
 
 import math
 from types import SimpleNamespace
@@ -42,6 +43,9 @@ DIFFUSERS_SCHEDULERS = {
 }
 
 STEPS = (1, 2, 5, 10, 20, 30, 50)
+# A v-prediction plan is an epsilon plan with its rows re-expressed step by step; fewer step counts cover it.
+V_STEPS = (1, 2, 5, 30)
+PREDICTIONS = [("epsilon", steps) for steps in STEPS] + [("v_prediction", steps) for steps in V_STEPS]
 # (workflow, strength): txt2img is strength 1; img2img at 1 still noises the image to the first timestep.
 RUNS = (("txt2img", 1.0), ("img2img", 1.0), ("img2img", 0.8), ("img2img", 0.3))
 GUIDANCE = (None, 7.5)
@@ -53,9 +57,9 @@ TOL = 5e-6
 C_IN_TOL = 5e-7
 
 
-def diffusers_scheduler(sampler):
+def diffusers_scheduler(sampler, prediction_type="epsilon"):
     cls, extra = DIFFUSERS_SCHEDULERS[sampler]
-    return cls.from_config({**SD15_SCHEDULER_CONFIG, **extra})
+    return cls.from_config({**SD15_SCHEDULER_CONFIG, **extra, "prediction_type": prediction_type})
 
 
 def fake_unet(x, t, phase):
@@ -79,9 +83,9 @@ def start_latents(workflow, generator, init_scale, add_noise):
     return add_noise(x0, noise)
 
 
-def run_diffusers(sampler, steps, workflow, strength, guidance):
+def run_diffusers(sampler, steps, workflow, strength, guidance, prediction_type):
     """The denoising loop of diffusers' StableDiffusion(Img2Img)Pipeline, with its own helpers."""
-    scheduler = diffusers_scheduler(sampler)
+    scheduler = diffusers_scheduler(sampler, prediction_type)
     pipe = SimpleNamespace(scheduler=scheduler)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
@@ -141,15 +145,16 @@ def run_plan(plan, workflow, guidance):
 
 @pytest.mark.parametrize("guidance", GUIDANCE, ids=lambda g: f"cfg{g}")
 @pytest.mark.parametrize("workflow,strength", RUNS, ids=[f"{w}-{s}" for w, s in RUNS])
-@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("prediction_type,steps", PREDICTIONS, ids=[f"{p}-{n}" for p, n in PREDICTIONS])
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_matches_diffusers(sampler, steps, workflow, strength, guidance):
-    ref, ref_timesteps, ref_c_in, ref_generator = run_diffusers(sampler, steps, workflow, strength, guidance)
+def test_matches_diffusers(sampler, prediction_type, steps, workflow, strength, guidance):
+    ref, ref_timesteps, ref_c_in, ref_generator = run_diffusers(sampler, steps, workflow, strength, guidance,
+                                                                prediction_type)
     if not ref_timesteps:
         with pytest.raises(ValueError, match="leaves no denoising step"):
-            make_plan(sampler, steps, strength)
+            make_plan(sampler, steps, strength, prediction_type)
         return
-    plan = make_plan(sampler, steps, strength)
+    plan = make_plan(sampler, steps, strength, prediction_type)
     assert plan.timesteps.tolist() == ref_timesteps, f"timesteps {plan.timesteps.tolist()} != {ref_timesteps}"
     c_in_err = max(abs(a - b) / b for a, b in zip(plan.c_in.tolist(), ref_c_in))
     assert c_in_err <= C_IN_TOL, f"c_in rel err {c_in_err:.2e} > {C_IN_TOL:.0e}"
@@ -158,20 +163,24 @@ def test_matches_diffusers(sampler, steps, workflow, strength, guidance):
         f"random draws differ from diffusers': {sum(plan.noise_steps)} noise steps in the plan"
     )
     err = ((out - ref).abs().max() / ref.abs().max()).item()
-    assert err <= TOL, f"final latents max rel err {err:.2e} > {TOL:.0e} ({sampler}, {steps} steps, {workflow})"
+    assert err <= TOL, (
+        f"final latents max rel err {err:.2e} > {TOL:.0e} ({sampler}, {prediction_type}, {steps} steps, {workflow})"
+    )
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_plan_is_finite_and_well_formed(sampler):
+def test_plan_is_finite_and_well_formed(sampler, prediction_type):
     for steps in (*range(1, 61), 75, 100, 150, 250, 500, 999):
         for strength in (1.0, 0.75, 0.5, 0.1):
             if int(steps * strength) == 0:
                 continue
-            plan = make_plan(sampler, steps, strength)
+            plan = make_plan(sampler, steps, strength, prediction_type)
             n = int(steps * strength)
             assert plan.coef.shape == (n, len(StepCoefficients._fields)) and plan.coef.dtype == torch.float64, (
                 f"coef {plan.coef.shape}")
             assert plan.timesteps.shape == (n,) and plan.c_in.shape == (n,) and len(plan.noise_steps) == n
+            assert plan.alpha_cumprod.shape == (n,) and ((0 < plan.alpha_cumprod) & (plan.alpha_cumprod < 1)).all()
             for name, value in (("coef", plan.coef), ("c_in", plan.c_in), ("timesteps", plan.timesteps)):
                 assert torch.isfinite(value).all(), f"{name} not finite for {steps} steps at strength {strength}"
             assert all(map(math.isfinite, (plan.init_scale, *plan.add_noise))), "init_scale/add_noise not finite"
@@ -189,6 +198,8 @@ def test_plan_is_finite_and_well_formed(sampler):
         (("ddim", 20, 1.5), r"strength must be in \(0, 1\], got 1.5"),
         (("ddim", 20, float("nan")), r"strength must be in \(0, 1\], got nan"),
         (("dpmpp_2m", 20, 0.04), "strength 0.04 with 20 steps leaves no denoising step"),
+        (("euler", 20, 1.0, "v"), "unknown prediction_type 'v'; valid: epsilon, v_prediction"),
+        (("euler", 20, 1.0, "sample"), "unknown prediction_type 'sample'"),
     ],
 )
 def test_bad_input(args, message):

@@ -1,4 +1,4 @@
-"""The shapes Stable Diffusion 1.5's networks hand each kernel while drawing a 512x512 image with guidance: the one
+"""The shapes Stable Diffusion 1.5's (and SD 2.1 768's) networks hand each kernel while drawing a 512x512 image with guidance: the one
 table the GPU tests, the ahead-of-time compile test and the benchmarks take their cases from. Everything is derived
 from ModelConfig() (the SD 1.x sizes) by the engine's own structure; `shapes(config, image)` gives them for another
 model or size."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.config import SD2_V, ModelConfig
 
 IMAGE = 512
 # Classifier-free guidance runs the UNet and the text encoder on the unconditional and conditional halves together.
@@ -34,7 +34,7 @@ def shapes(config: ModelConfig = ModelConfig(), image: int = IMAGE) -> Shapes:
     levels = [(latent // 2**i, u.model_channels * m) for i, m in enumerate(u.channel_mult)]
     # Levels whose blocks attend, and the middle block at the deepest level, which always does.
     attending = [level for i, level in enumerate(levels) if 2**i in u.attention_resolutions] + [levels[-1]]
-    attention = [(b, u.num_heads, side * side, lk, c // u.num_heads)
+    attention = [(b, u.heads(c), side * side, lk, c // u.heads(c))
                  for side, c in attending for lk in (side * side, tokens)]
 
     vae_chs = [v.ch * m for m in v.ch_mult]
@@ -60,5 +60,7 @@ def shapes(config: ModelConfig = ModelConfig(), image: int = IMAGE) -> Shapes:
 
 
 SD15 = shapes()
+# SD 2.1's 768 model: heads 64 wide at every level.
+SD21_768 = shapes(SD2_V, 768)
 # Beyond SD 1.5, for bandwidth: the VAE's widest channels at full resolution.
 GROUP_NORM_STRESS = (1, 512, 512, 512)

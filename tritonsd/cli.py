@@ -20,7 +20,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from tritonsd import loader
-from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.config import PREDICTION_TYPES, ModelConfig
 from tritonsd.engine.pipeline import Pipeline
 from tritonsd.engine.prompts import parse_attention
 from tritonsd.engine.samplers import SAMPLERS, make_plan
@@ -66,11 +66,18 @@ def _device_arg(value: str) -> str:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", help="checkpoint file or diffusers folder (default: the demo model)")
-    p.add_argument("--config", metavar="FILE.json", help="model sizes, for checkpoints whose shape is not SD 1.x")
+    p.add_argument("--config", metavar="FILE.json", help="model config, for checkpoints that do not carry one")
+    _add_prediction_type(p)
     p.add_argument("--device", type=_device_arg, default="auto",
                    help="auto, cpu, cuda or cuda:N (default: auto, CUDA when there is one)")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", metavar="DTYPE",
                    help="auto, fp32, fp16 or bf16 (default: auto, fp16 on CUDA and fp32 on CPU)")
+
+
+def _add_prediction_type(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, metavar="TYPE",
+                   help="what the UNet predicts, epsilon or v_prediction (default: what the checkpoint says; "
+                        "see the README for files that say nothing)")
 
 
 def _add_generation_options(p: argparse.ArgumentParser, size: bool, files: bool) -> None:
@@ -90,8 +97,9 @@ def _add_generation_options(p: argparse.ArgumentParser, size: bool, files: bool)
     else:
         p.add_argument("--seed", type=int, default=0, help="line N of the file uses seed + N (default: 0)")
     if size:
-        p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's own, 512 for SD 1.x)")
-        p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's own, 512 for SD 1.x)")
+        default = "(default: the model's own, 512 for SD 1.x, 768 for SD 2.x v-prediction models)"
+        p.add_argument("--width", type=int, help=f"pixels, a multiple of 8 {default}")
+        p.add_argument("--height", type=int, help=f"pixels, a multiple of 8 {default}")
     if files:
         p.add_argument("--batch", type=int, default=1, help="images drawn together from one seed (default: 1)")
         p.add_argument("-o", "--output", default="output.png", metavar="OUT.png",
@@ -103,7 +111,7 @@ def _add_generation_options(p: argparse.ArgumentParser, size: bool, files: bool)
 
 def _parser(png: dict | None = None) -> argparse.ArgumentParser:
     """png: the settings of a --from-png picture, which become txt2img's defaults."""
-    parser = _Parser(prog="tritonsd", description="Stable Diffusion 1.x inference with Triton kernels.")
+    parser = _Parser(prog="tritonsd", description="Stable Diffusion 1.x and 2.x inference with Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("txt2img", help="generate images from a prompt")
@@ -134,7 +142,8 @@ def _parser(png: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST", help="the tritonsd file to write")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", metavar="DTYPE",
                    help="fp32, fp16 or bf16 (default: fp16)")
-    p.add_argument("--config", metavar="FILE.json", help="model sizes, for checkpoints whose shape is not SD 1.x")
+    p.add_argument("--config", metavar="FILE.json", help="model config, for checkpoints that do not carry one")
+    _add_prediction_type(p)
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("info", help="describe a checkpoint; exit status 2 if it would not load")
@@ -241,10 +250,11 @@ def _dtype(name: str, device: str) -> torch.dtype:
 class _Model:
     """A loaded pipeline with the name and hash its images record."""
 
-    def __init__(self, path: Path, config: ModelConfig | None, device: str, dtype: torch.dtype,
-                 embeddings: str | None = None):
+    def __init__(self, path: Path, config: ModelConfig | None, prediction_type: str | None, device: str,
+                 dtype: torch.dtype, embeddings: str | None = None):
         start = time.perf_counter()
-        self.pipe = Pipeline.from_checkpoint(path, device=device, dtype=dtype, config=config)
+        self.pipe = Pipeline.from_checkpoint(path, device=device, dtype=dtype, config=config,
+                                             prediction_type=prediction_type)
         if embeddings is not None:
             self._load_embeddings(Path(embeddings))
         self.load_seconds = time.perf_counter() - start
@@ -333,7 +343,7 @@ def _generate(args, run, strength: float | None = None) -> None:
     _check_output(output)
     paths = [output] if args.batch == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(args.batch)]
     path, config = _model_path(args), _model_config(args)
-    model = _Model(path, config, args.device, _dtype(args.dtype, args.device), args.embeddings)
+    model = _Model(path, config, args.prediction_type, args.device, _dtype(args.dtype, args.device), args.embeddings)
     seed = random.randrange(2**32) if args.seed is None else args.seed
     if getattr(args, "png", None):
         _note_png(args, model, paths)
@@ -405,7 +415,7 @@ def _batch(args) -> None:
     device = args.device
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    model = _Model(path, config, device, _dtype(args.dtype, device), args.embeddings)
+    model = _Model(path, config, args.prediction_type, device, _dtype(args.dtype, device), args.embeddings)
     if args.verbose:
         model.describe_embeddings()
     out.mkdir(parents=True, exist_ok=True)
@@ -458,14 +468,14 @@ def _convert(args) -> None:
     config = _model_config(args)
     dtype = DTYPES[args.dtype]
     start = time.perf_counter()
-    model, _ = loader.load(src, device="cpu", dtype=dtype, config=config)
+    model, _ = loader.load(src, device="cpu", dtype=dtype, config=config, prediction_type=args.prediction_type)
     loader.save(model, model.config, dst, dtype=dtype)
     _say(dst)
     _say(f"converted {src} to {args.dtype} in {time.perf_counter() - start:.1f} s", sys.stderr)
 
 
 def _info(args) -> None:
-    """Print what the file holds; exit 2 with the reason when it is not a loadable SD 1.x checkpoint."""
+    """Print what the file holds; exit 2 with the reason when it is not a loadable SD 1.x/2.x checkpoint."""
     d = loader.describe(args.ckpt)
     if args.json:
         _say(json.dumps(d, indent=2))
@@ -478,8 +488,10 @@ def _info(args) -> None:
                            + ", ".join(f"{k} {_count(n)}" for k, n in d["parameters"].items())),
         ]
         for part, fields in (d["config"] or {}).items():
-            rows.append((f"config.{part}", " ".join(f"{k}={v}" for k, v in fields.items())))
+            if isinstance(fields, dict):
+                rows.append((f"config.{part}", " ".join(f"{k}={v}" for k, v in fields.items())))
         if d["config"]:
+            rows.append(("prediction", f"{d['config']['prediction_type']} (from {d['prediction_source']})"))
             rows += [(key, _listing(d[key])) for key in ("missing", "unexpected", "wrong_shape")]
         _say(d["path"])
         for key, value in rows:

@@ -1,5 +1,6 @@
 """Model sizes. Field names follow the CompVis YAML (UNet, VAE) and HF's CLIPTextConfig (text encoder),
-so a config can be read off the files people already have. `ModelConfig()` is Stable Diffusion 1.x.
+so a config can be read off the files people already have. `ModelConfig()` is Stable Diffusion 1.x; `SD2` and
+`SD2_V` are SD 2.x's 512 (epsilon) and 768 (v-prediction) models.
 
 Every field is checked against its annotation and its row of LIMITS when a config is made, however it is made
 (from_dict, from_json, the constructors, dataclasses.replace): a config that exists is one a model can be built from.
@@ -24,15 +25,24 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    # Either a head count at every level (SD 1.x) or a fixed head width (SD 2.x: 64, so 5, 10 and 20 heads);
+    # the other is -1, as in the CompVis YAML.
     num_heads: int = 8
+    num_head_channels: int = -1
     transformer_depth: int = 1
     context_dim: int = 768
+    # SD 2.x's transformers project in and out with Linear layers instead of 1x1 convolutions.
+    use_linear_in_transformer: bool = False
     norm_groups: int = 32
     # Latent side the model was trained at; the default image side is this times the VAE's factor (512 for SD1.x).
     sample_size: int = 64
 
     def __post_init__(self):
         _check_fields(self)
+
+    def heads(self, channels: int) -> int:
+        """The attention head count at a level of this many channels."""
+        return self.num_heads if self.num_head_channels == -1 else channels // self.num_head_channels
 
 
 @dataclass(frozen=True)
@@ -61,18 +71,24 @@ class TextConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    # What prompts are padded with: OpenAI's CLIP (SD 1.x) pads with its end token, OpenCLIP (SD 2.x) with id 0,
+    # "!". The padded positions condition the UNet, so this belongs to the model as much as its weights do.
+    pad_token: str = "<|endoftext|>"
 
     def __post_init__(self):
         _check_fields(self)
 
+
+# What the UNet predicts: the noise (epsilon) or v = sqrt(alphā)·noise - sqrt(1 - alphā)·x0 (SD 2.x's 768 models).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 PARTS = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}
 
 
 @dataclass(frozen=True)
 class Limit:
-    """A field's accepted values: numbers in [low, high] (a tuple's items, and its length in `length`), or one of
-    `choices` for a string."""
+    """A field's accepted values: numbers in [low, high] (a tuple's items, and its length in `length`), one of
+    `choices` for a string (any string of 1 to `high` characters when there are no choices), or a bool."""
     low: float = 0
     high: float = 0
     length: tuple[int, int] | None = None
@@ -89,9 +105,11 @@ LIMITS: dict[str, dict[str, Limit]] = {
         "channel_mult": Limit(1, 64, length=(1, 8)),
         "num_res_blocks": Limit(1, 16),
         "attention_resolutions": Limit(1, 128, length=(0, 8)),
-        "num_heads": Limit(1, 256),
+        "num_heads": Limit(-1, 256),  # -1: heads of num_head_channels instead (ModelConfig.validate)
+        "num_head_channels": Limit(-1, 4096),
         "transformer_depth": Limit(1, 64),
         "context_dim": Limit(1, 8192),
+        "use_linear_in_transformer": Limit(),
         "norm_groups": Limit(1, 1024),
         "sample_size": Limit(1, 512),
     },
@@ -115,6 +133,7 @@ LIMITS: dict[str, dict[str, Limit]] = {
         "max_position_embeddings": Limit(1, 4096),
         "hidden_act": Limit(choices=("quick_gelu", "gelu")),
         "layer_norm_eps": Limit(1e-12, 1.0),
+        "pad_token": Limit(high=64),
     },
 }
 # The widest activation any level may have (channels): bounds the product of a base width and its multiplier.
@@ -151,6 +170,12 @@ def _check_fields(part) -> None:
         elif kind is float:  # NaN and infinities fail the range test
             if not ((_is_int(value) or isinstance(value, float)) and limit.low <= value <= limit.high):
                 raise ValueError(f"{where} must be a number in [{limit.low:g}, {limit.high:g}]; got {_describe(value)}")
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{where} must be true or false; got {_describe(value)}")
+        elif kind is str and not limit.choices:
+            if not (isinstance(value, str) and 1 <= len(value) <= limit.high):
+                raise ValueError(f"{where} must be a string of 1 to {limit.high:g} characters; got {_describe(value)}")
         elif kind is str:
             if value not in limit.choices:  # `in` on a tuple of str: False for any non-str value
                 raise ValueError(f"{where} must be one of {', '.join(limit.choices)}; got {_describe(value)}")
@@ -197,19 +222,22 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    prediction_type: str = "epsilon"
 
     def __post_init__(self):
         self.validate()
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """Build from a nested dict such as {"unet": {...}, "vae": {...}, "text": {...}}; missing fields keep SD1.x values."""
+        """Build from a nested dict such as {"unet": {...}, "vae": {...}, "text": {...}, "prediction_type": "..."};
+        missing fields keep SD1.x values."""
         if not isinstance(d, dict):
             raise ValueError(f"model config must be a dict of parts ({', '.join(PARTS)}); got {_describe(d)}")
-        unknown = [str(k) for k in d if k not in PARTS]
+        unknown = [str(k) for k in d if k not in PARTS and k != "prediction_type"]
         if unknown:
-            raise ValueError(f"unknown model config part(s) {sorted(unknown)}; expected {sorted(PARTS)}")
-        parts = {}
+            raise ValueError(f"unknown model config part(s) {sorted(unknown)}; expected {sorted(PARTS)} "
+                             "and prediction_type")
+        parts = {"prediction_type": d["prediction_type"]} if "prediction_type" in d else {}
         for name, part_cls in PARTS.items():
             values = d.get(name)
             values = {} if values is None else values
@@ -244,15 +272,25 @@ class ModelConfig:
             if not isinstance(getattr(self, name), part_cls):
                 raise ValueError(f"model config part {name!r} must be a {part_cls.__name__}; "
                                  f"got {_describe(getattr(self, name))}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; "
+                             f"got {_describe(self.prediction_type)}")
         u, v, t = self.unet, self.vae, self.text
         for where, base, mults in (("unet", u.model_channels, u.channel_mult), ("vae", v.ch, v.ch_mult)):
             if base * max(mults) > MAX_CHANNELS:
                 raise ValueError(f"{where}'s widest level has {base * max(mults)} channels; at most {MAX_CHANNELS}")
-        if u.model_channels % u.num_heads:
-            raise ValueError(f"unet.model_channels {u.model_channels} is not divisible by num_heads {u.num_heads}")
+        if (u.num_heads == -1) == (u.num_head_channels == -1):
+            raise ValueError(
+                f"give the UNet's attention either num_heads or num_head_channels, the other -1; "
+                f"got num_heads={u.num_heads}, num_head_channels={u.num_head_channels}"
+            )
+        heads = ("num_heads", u.num_heads) if u.num_head_channels == -1 else ("num_head_channels", u.num_head_channels)
         for m in u.channel_mult:
-            if (m * u.model_channels) % u.norm_groups:
-                raise ValueError(f"unet channels {m * u.model_channels} not divisible by norm_groups {u.norm_groups}")
+            ch = m * u.model_channels
+            if ch % u.norm_groups:
+                raise ValueError(f"unet channels {ch} not divisible by norm_groups {u.norm_groups}")
+            if heads[1] <= 0 or ch % heads[1]:
+                raise ValueError(f"unet channels {ch} not divisible by {heads[0]} {heads[1]}")
         levels = [2**i for i in range(len(u.channel_mult))]
         if any(r not in levels for r in u.attention_resolutions):
             raise ValueError(f"unet.attention_resolutions {list(u.attention_resolutions)} must be downsampling factors "
@@ -269,3 +307,13 @@ class ModelConfig:
             raise ValueError(f"unet.context_dim {u.context_dim} differs from text.hidden_size {t.hidden_size}")
         if u.in_channels != v.embed_dim:
             raise ValueError(f"unet.in_channels {u.in_channels} differs from vae.embed_dim {v.embed_dim}")
+
+
+# SD 2.x: OpenCLIP ViT-H/14's text tower up to its penultimate block (23 of 24), GELU, padding with "!" (id 0);
+# UNet heads 64 wide, Linear projections, 1024-wide context. SD2 is the 512 model, SD2_V the 768 v-prediction one.
+SD2 = ModelConfig(
+    unet=UNetConfig(num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
+    text=TextConfig(hidden_size=1024, num_hidden_layers=23, num_attention_heads=16, intermediate_size=4096,
+                    hidden_act="gelu", pad_token="!"),
+)
+SD2_V = dataclasses.replace(SD2, unet=dataclasses.replace(SD2.unet, sample_size=96), prediction_type="v_prediction")

@@ -43,12 +43,14 @@ class Pipeline:
     @classmethod
     def from_checkpoint(
         cls, path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-        config: ModelConfig | None = None,
+        config: ModelConfig | None = None, prediction_type: str | None = None,
     ) -> "Pipeline":
-        """Load an original single-file checkpoint, a diffusers folder or a tritonsd file (the demo model if no path)."""
+        """Load an original single-file checkpoint, a diffusers folder or a tritonsd file (the demo model if no path).
+        prediction_type ("epsilon" or "v_prediction") overrides what the checkpoint says its UNet predicts."""
         from tritonsd import loader
 
-        model, tokenizer = loader.load(loader.default_model() if path is None else path, device=device, dtype=dtype, config=config)
+        model, tokenizer = loader.load(loader.default_model() if path is None else path, device=device, dtype=dtype,
+                                       config=config, prediction_type=prediction_type)
         return cls(model, tokenizer)
 
     @property
@@ -111,7 +113,7 @@ class Pipeline:
         sampler: str = "euler", seed: int | None = None, width: int | None = None, height: int | None = None,
         batch_size: int = 1, output_type: str = "pil", progress: bool = False, clip_skip: int = 1,
     ):
-        """width and height default to the size the model was trained at (512 for SD1.x)."""
+        """width and height default to the size the model was trained at (512 for SD 1.x, 768 for SD 2.x v-models)."""
         prompts, negatives = _prompt_lists(prompt, negative_prompt)
         width = self.default_size if width is None else width
         height = self.default_size if height is None else height
@@ -119,7 +121,7 @@ class Pipeline:
             if not isinstance(size, int) or size <= 0 or size % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {size!r}")
         _check_common(batch_size, guidance_scale, output_type)
-        plan = make_plan(sampler, steps)
+        plan = make_plan(sampler, steps, prediction_type=self.config.prediction_type)
         generator = _generator(seed)
         context = self._context(prompts, negatives, batch_size, guidance_scale, clip_skip)
         shape = (len(prompts) * batch_size, self.config.unet.in_channels, height // self.vae_scale, width // self.vae_scale)
@@ -135,7 +137,7 @@ class Pipeline:
     ):
         prompts, negatives = _prompt_lists(prompt, negative_prompt)
         _check_common(batch_size, guidance_scale, output_type)
-        plan = make_plan(sampler, steps, strength)
+        plan = make_plan(sampler, steps, strength, self.config.prediction_type)
         pixels = _image_tensor(image, self.vae_scale).to(self.device, self.dtype)
         generator = _generator(seed)
         context = self._context(prompts, negatives, batch_size, guidance_scale, clip_skip)

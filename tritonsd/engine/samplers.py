@@ -7,11 +7,17 @@ out up front on the host in float64 as per-step coefficients (StepCoefficients a
 
 and the GPU loop is one fused step per UNet call with no host-device sync. Each sampler reproduces the
 diffusers scheduler built from SD 1.x's scheduler config (scaled_linear betas, steps_offset=1,
-set_alpha_to_one=False) with that scheduler's defaults, and img2img truncation follows diffusers'
-StableDiffusionImg2ImgPipeline.get_timesteps."""
+set_alpha_to_one=False; SD 2.x's is the same) with that scheduler's defaults, and img2img truncation follows
+diffusers' StableDiffusionImg2ImgPipeline.get_timesteps.
+
+A v-prediction model's output v is itself linear in what the model sees, so it changes only the coefficients:
+the model reads x_in = c_in*x, the noisy latent at noise level alphā (x_in = sqrt(alphā)*x0 + sqrt(1-alphā)*eps),
+and v = sqrt(alphā)*eps - sqrt(1-alphā)*x0 gives eps = sqrt(1-alphā)*x_in + sqrt(alphā)*v. Substituting that
+eps into a step's rows makes them rows in x and v, and the fused step runs unchanged."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tritonsd.engine.config import PREDICTION_TYPES
 from tritonsd.kernels.guided_step import StepCoefficients
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -43,7 +50,8 @@ ALPHAS_CUMPROD, TRAIN_SIGMAS = _train_schedule()
 class SamplerPlan:
     timesteps: torch.Tensor  # float64 [n]: the UNet's timestep input per step
     c_in: torch.Tensor  # float64 [n]: the UNet sees x * c_in[i]
-    coef: torch.Tensor  # float64 [n, 6]: StepCoefficients per step
+    alpha_cumprod: torch.Tensor  # float64 [n]: the noise level alphā of what the UNet sees at step i
+    coef: torch.Tensor  # float64 [n, 6]: StepCoefficients per step, for the model's prediction type
     noise_steps: tuple[bool, ...]  # step i draws fresh noise (scaled by s)
     uses_extra: bool  # DPM++ carries the previous x0 prediction
     init_scale: float  # txt2img: x = randn * init_scale
@@ -54,12 +62,14 @@ class SamplerPlan:
         return torch.cat([self.timesteps[:, None], self.c_in[:, None], self.coef], dim=1)
 
 
-def _plan(timesteps, coef: StepCoefficients, *, c_in=None, noise_steps=None, uses_extra=False, init_scale=1.0,
+def _plan(timesteps, coef: StepCoefficients, *, alpha_cumprod, c_in=None, noise_steps=None, uses_extra=False,
+          init_scale=1.0,
           add_noise):
     n = len(timesteps)
     return SamplerPlan(
         timesteps=torch.tensor(np.asarray(timesteps, dtype=np.float64)),
         c_in=torch.ones(n, dtype=torch.float64) if c_in is None else torch.tensor(c_in, dtype=torch.float64),
+        alpha_cumprod=torch.tensor(np.asarray(alpha_cumprod, dtype=np.float64)),
         coef=torch.tensor(np.stack(coef, axis=-1), dtype=torch.float64),
         noise_steps=(False,) * n if noise_steps is None else tuple(bool(v) for v in noise_steps),
         uses_extra=uses_extra,
@@ -96,7 +106,7 @@ def _ddpm(steps: int, start: int) -> SamplerPlan:
         d=zero,
         e=zero,
     )
-    return _plan(ts, coef, noise_steps=noise_steps, add_noise=_vp_add_noise(a_t[0]))
+    return _plan(ts, coef, alpha_cumprod=a_t, noise_steps=noise_steps, add_noise=_vp_add_noise(a_t[0]))
 
 
 def _ddim(steps: int, start: int) -> SamplerPlan:
@@ -108,7 +118,8 @@ def _ddim(steps: int, start: int) -> SamplerPlan:
     a = np.sqrt(a_prev / a_t)
     b = np.sqrt(1 - a_prev) - np.sqrt(a_prev * (1 - a_t) / a_t)
     zero = np.zeros_like(a_t)
-    return _plan(ts, StepCoefficients(a=a, b=b, c=zero, s=zero, d=zero, e=zero), add_noise=_vp_add_noise(a_t[0]))
+    return _plan(ts, StepCoefficients(a=a, b=b, c=zero, s=zero, d=zero, e=zero), alpha_cumprod=a_t,
+                 add_noise=_vp_add_noise(a_t[0]))
 
 
 def _interp_sigmas(timesteps: np.ndarray) -> np.ndarray:
@@ -129,6 +140,7 @@ def _euler(steps: int, start: int, ancestral: bool) -> SamplerPlan:
     return _plan(
         full[start:],
         StepCoefficients(a=one, b=sigma_next - sigma, c=zero, s=sigma_up, d=zero, e=zero),
+        alpha_cumprod=1 / (sigma**2 + 1),
         c_in=1 / np.sqrt(sigma**2 + 1),
         noise_steps=np.full(len(sigma), ancestral),
         init_scale=sigmas.max(),
@@ -184,6 +196,7 @@ def _dpmpp_2m(steps: int, start: int, karras: bool) -> SamplerPlan:
     return _plan(
         full[start:],
         StepCoefficients(*coef.T),
+        alpha_cumprod=alphas[start:-1] ** 2,
         uses_extra=True,
         add_noise=(alphas[start], sigmas[start] * alphas[start]),
     )
@@ -231,10 +244,23 @@ def from_a1111(name: str, schedule: str | None = None) -> str | None:
     return next((id for id, s in SAMPLERS.items() if (s.a1111_name, s.a1111_schedule) == (name, schedule)), None)
 
 
-def make_plan(sampler: str, steps: int, strength: float = 1.0) -> SamplerPlan:
-    """The whole run of `sampler` over `steps` steps; strength < 1 keeps only the last steps (img2img)."""
+def _from_v_prediction(plan: SamplerPlan) -> SamplerPlan:
+    """The plan's rows in x and v instead of x and eps: eps = p*x + q*v with p = c_in*sqrt(1-alphā), q = sqrt(alphā)
+    (module docstring), so each row's x weight gains its eps weight times p and its eps weight is multiplied by q."""
+    p = plan.c_in * (1 - plan.alpha_cumprod).sqrt()
+    q = plan.alpha_cumprod.sqrt()
+    k = StepCoefficients(*plan.coef.unbind(1))
+    coef = StepCoefficients(a=k.a + k.b * p, b=k.b * q, c=k.c, s=k.s, d=k.d + k.e * p, e=k.e * q)
+    return dataclasses.replace(plan, coef=torch.stack(coef, dim=1))
+
+
+def make_plan(sampler: str, steps: int, strength: float = 1.0, prediction_type: str = "epsilon") -> SamplerPlan:
+    """The whole run of `sampler` over `steps` steps; strength < 1 keeps only the last steps (img2img).
+    prediction_type is the model's: "epsilon" or "v_prediction"."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
     # With steps_offset=1, DDPM/DDIM's leading spacing would step past the last training timestep at 1000 steps.
     if not 1 <= steps < NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"steps must be in [1, {NUM_TRAIN_TIMESTEPS - 1}], got {steps}")
@@ -246,4 +272,5 @@ def make_plan(sampler: str, steps: int, strength: float = 1.0) -> SamplerPlan:
             f"strength {strength} with {steps} steps leaves no denoising step; "
             f"steps * strength must be at least 1"
         )
-    return SAMPLERS[sampler].build(steps, steps - kept)
+    plan = SAMPLERS[sampler].build(steps, steps - kept)
+    return _from_v_prediction(plan) if prediction_type == "v_prediction" else plan

@@ -1,4 +1,6 @@
-"""The CLIP text tower (ViT-L/14's in SD1.x). Module names follow HF's CLIPTextModel without the text_model. prefix."""
+"""The CLIP text tower: OpenAI's ViT-L/14 in SD 1.x; in SD 2.x OpenCLIP's ViT-H/14 up to its penultimate block, whose
+output takes the final layer norm (the last block is never run, so it is not built). Module names follow HF's
+CLIPTextModel without the text_model. prefix."""
 
 import numbers
 

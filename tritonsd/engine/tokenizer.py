@@ -1,5 +1,6 @@
-"""CLIP's byte-level BPE tokenizer, the text front end of Stable Diffusion 1.x."""
+"""CLIP's byte-level BPE tokenizer, the text front end of Stable Diffusion 1.x and 2.x."""
 
+import copy
 import functools
 import gzip
 import html
@@ -82,7 +83,7 @@ def _check_prompt(prompt) -> None:
 
 class CLIPTokenizer:
     """Turns prompts into the [B, max_length] token ids that CLIP's text encoder reads:
-    BOS, the BPE ids, EOS, then padding. Stable Diffusion 1.x pads with EOS."""
+    BOS, the BPE ids, EOS, then padding: EOS for SD 1.x, "!" (id 0, OpenCLIP's padding) for SD 2.x."""
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int = 77):
         for special in (_BOS, _EOS):
@@ -147,6 +148,16 @@ class CLIPTokenizer:
                 raise ValueError(f"{path / 'merges.txt'}: merge {n} is not a pair of symbols: {line!r}")
             merges.append(pair)
         return cls(vocab, merges)
+
+    def with_pad_token(self, token: str) -> "CLIPTokenizer":
+        """This tokenizer padding with `token` instead (the model config's text.pad_token); itself if it already does."""
+        if token not in self.vocab:
+            raise ValueError(f"pad token {token!r} is not in the tokenizer's vocabulary")
+        if self.vocab[token] == self.pad_id:
+            return self
+        padded = copy.copy(self)  # the vocabulary, merges and BPE cache are shared, not copied
+        padded.pad_id = self.vocab[token]
+        return padded
 
     def _bpe(self, word: str) -> list[int]:
         return self._specials.get(word) or self._cached_bpe(word)

@@ -111,8 +111,14 @@ def read_object(path: Path):
     return read_file(path)[0]
 
 
+# Settings a diffusers folder keeps beside the weights, read when present: what the UNet predicts, what prompts are
+# padded with.
+DIFFUSERS_SETTINGS = {"scheduler": "scheduler/scheduler_config.json", "tokenizer": "tokenizer/special_tokens_map.json"}
+
+
 def read_diffusers(folder: Path) -> tuple[dict, dict]:
-    """{part: tensors under diffusers/transformers names} and {part: its config.json}."""
+    """{part: tensors under diffusers/transformers names} and {part: its config.json}, plus "scheduler" and
+    "tokenizer" for the folder's scheduler config and special tokens when it has them."""
     missing = [p for p in DIFFUSERS_PARTS if not (folder / p).is_dir()]
     if len(missing) == len(DIFFUSERS_PARTS):
         raise CheckpointError(
@@ -131,4 +137,12 @@ def read_diffusers(folder: Path) -> tuple[dict, dict]:
         if weights is None:
             raise CheckpointError(f"{folder / part}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
         parts[part], _ = read_file(weights)
+    for name, file in DIFFUSERS_SETTINGS.items():
+        if (folder / file).is_file():
+            try:
+                configs[name] = read_json(folder / file)
+            except ValueError as e:
+                raise CheckpointError(f"{folder / file}: cannot read it ({e})") from None
+            if not isinstance(configs[name], dict):
+                raise CheckpointError(f"{folder / file}: holds a {type(configs[name]).__name__}, not a JSON object")
     return parts, configs

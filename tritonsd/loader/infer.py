@@ -1,13 +1,19 @@
-"""What a checkpoint is, the ModelConfig its tensor shapes imply, and whether a given config agrees with them."""
+"""What a checkpoint is, the ModelConfig its tensor shapes imply, whether a given config agrees with them, and
+what its UNet predicts."""
 
 import re
 from collections.abc import Callable
 
 import torch
 
+from tritonsd import kernels
 from tritonsd.engine.config import ModelConfig
 from tritonsd.loader.convert import ORIGINAL_PREFIXES
 from tritonsd.loader.formats import CheckpointError
+
+# The architectures the engine runs; architecture() names others so that they can be refused by name.
+SUPPORTED = ("SD1.x", "SD2.x")
+_EOS = "<|endoftext|>"
 
 
 def _dim(state: dict, key: str, i: int) -> int | None:
@@ -17,16 +23,20 @@ def _dim(state: dict, key: str, i: int) -> int | None:
 
 
 def architecture(state: dict[str, torch.Tensor]) -> tuple[str, str]:
-    """(name, evidence) for engine-named tensors: ("SD1.x", ...) or what the checkpoint looks like instead."""
+    """(name, evidence) for engine-named tensors: "SD1.x", "SD2.x" or what the checkpoint looks like instead."""
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in state)
 
     if has("conditioner.embedders."):
         return "SDXL", "its text encoders are conditioner.embedders.*"
+    if has("embedder.") or has("noise_augmentor.") or has("unet.class_embedding."):
+        return "SD2.x unCLIP", "it conditions on image embeddings (embedder.*, noise_augmentor.*, or class_embedding)"
+    if has("depth_model."):
+        return "SD2.x depth", "it carries a MiDaS depth estimator (depth_model.*) and reads depth as a 5th latent channel"
+    if has("low_scale_model."):
+        return "SD2.x x4 upscaler", "it conditions on a low-resolution image (low_scale_model.*)"
     if "unet.label_emb.0.0.weight" in state:
         return "SDXL", "its UNet has label_emb (size conditioning)"
-    if has("cond_stage_model.model."):
-        return "SD2.x", "its text encoder is OpenCLIP (cond_stage_model.model.*)"
     if has("unet.joint_blocks."):
         return "SD3", "it is an MMDiT (joint_blocks), not a UNet"
     if has("double_blocks.") or has("unet.double_blocks."):
@@ -37,17 +47,25 @@ def architecture(state: dict[str, torch.Tensor]) -> tuple[str, str]:
         return "a VAE alone", "it has encoder.* and decoder.* but no UNet or text encoder"
     if "unet.input_blocks.0.0.weight" not in state:
         return "unknown", f"it has no UNet ({ORIGINAL_PREFIXES['unet'][0]}input_blocks.0.0.weight or unet/conv_in)"
-    context = _dim(state, "unet.middle_block.1.transformer_blocks.0.attn2.to_k.weight", 1)
-    proj_in = state.get("unet.middle_block.1.proj_in.weight")
-    if context == 2048:
+    in_channels = _dim(state, "unet.input_blocks.0.0.weight", 1)
+    if _dim(state, "unet.middle_block.1.transformer_blocks.0.attn2.to_k.weight", 1) == 2048:
         return "SDXL", "its UNet attends to 2048-wide text features"
-    if context == 1024:
-        return "SD2.x", "its UNet attends to 1024-wide text features"
-    if proj_in is not None and proj_in.ndim == 2:
-        return "SD2.x", "its UNet transformers project in with Linear layers"
-    if _dim(state, "unet.input_blocks.0.0.weight", 1) == 9:
-        return "SD1.x inpainting", "its UNet takes 9 input channels (latents, mask, masked image)"
+    family = "SD2.x" if _sd2(state) else "SD1.x"
+    if in_channels == 9:
+        return f"{family} inpainting", "its UNet takes 9 input channels (latents, mask, masked image)"
+    if in_channels == 5 and family == "SD2.x":
+        return "SD2.x depth", "its UNet takes 5 input channels (latents and depth)"
+    if family == "SD2.x":
+        return "SD2.x", "UNet with Linear transformer projections, OpenCLIP text encoder: Stable Diffusion 2.x"
     return "SD1.x", "UNet, VAE and CLIP text encoder of Stable Diffusion 1.x"
+
+
+def _sd2(state: dict[str, torch.Tensor]) -> bool:
+    """SD 2.x's UNet projects in and out of its transformers with Linear layers (2-D weights) and attends to 1024-wide
+    OpenCLIP features; SD 1.x's uses 1x1 convolutions and 768-wide CLIP features."""
+    proj_in = state.get("unet.middle_block.1.proj_in.weight")
+    context = state.get("unet.middle_block.1.transformer_blocks.0.attn2.to_k.weight")
+    return (proj_in is not None and proj_in.ndim == 2) or (context is not None and context.shape[1] == 1024)
 
 
 def _levels(state: dict, pattern: str) -> list[int]:
@@ -110,6 +128,9 @@ def _shape_readers(state: dict) -> dict[str, dict[str, Callable[[], object]]]:
             "attention_resolutions": attention_resolutions,
             "transformer_depth": lambda: count(r"unet\.middle_block\.1\.transformer_blocks\.(\d+)\."),
             "context_dim": lambda: dim("unet.middle_block.1.transformer_blocks.0.attn2.to_k.weight", 1),
+            # SD 2.x projects into its transformers with Linear layers (2-D weights), SD 1.x with 1x1 convolutions.
+            "use_linear_in_transformer": lambda: dim("unet.middle_block.1.proj_in.weight", 0) > 0
+            and state["unet.middle_block.1.proj_in.weight"].ndim == 2,
         },
         "vae": {
             "in_channels": lambda: dim(vae_in, 1),
@@ -145,17 +166,22 @@ def shape_fields(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict[
     return fields, unreadable
 
 
-def infer_config(state: dict[str, torch.Tensor]) -> ModelConfig:
-    """The config whose model has these tensors' shapes. What shapes cannot tell (attention heads, GroupNorm groups,
-    latent scaling) takes the SD1.x value."""
+def infer_config(state: dict[str, torch.Tensor], prediction_type: str = "epsilon") -> ModelConfig:
+    """The config whose model has these tensors' shapes, for a model of this prediction type. What shapes cannot
+    tell (attention heads, GroupNorm groups, latent scaling, the text tower's activation and padding) takes the
+    value of the family the shapes belong to, SD 1.x or SD 2.x; SD 2.x v-prediction models draw at 768 pixels."""
     fields, unreadable = shape_fields(state)
     if unreadable:
         raise CheckpointError(f"cannot infer the model config: {next(iter(unreadable.values()))}")
+    sd2 = _sd2(state)
+    # SD 2.x: heads 64 wide; SD 1.x: 8 heads.
+    fields["unet"].update(num_heads=-1 if sd2 else 8, num_head_channels=64 if sd2 else -1,
+                          sample_size=96 if sd2 and prediction_type == "v_prediction" else 64)
     hidden = fields["text"]["hidden_size"]
-    # CLIP ViT-L/14 has 12 heads of 64; other CLIP text towers keep heads of 64.
-    fields["text"]["num_attention_heads"] = 12 if hidden == 768 else max(1, hidden // 64)
+    # CLIP ViT-L/14 has 12 heads of 64; other CLIP text towers (OpenCLIP ViT-H/14: 16) keep heads of 64.
+    fields["text"].update(num_attention_heads=12 if hidden == 768 else max(1, hidden // 64), **_text_family(sd2))
     try:
-        return ModelConfig.from_dict(fields)
+        return ModelConfig.from_dict({**fields, "prediction_type": prediction_type})
     except ValueError as e:
         raise CheckpointError(f"the model config inferred from the tensor shapes is not valid: {e}") from None
 
@@ -179,8 +205,36 @@ def _plain(value) -> str:
     return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
+def _text_family(sd2: bool) -> dict:
+    """The text tower's activation and padding: OpenCLIP's (GELU, id 0 "!") in SD 2.x, OpenAI CLIP's in SD 1.x."""
+    return dict(hidden_act="gelu", pad_token="!") if sd2 else dict(hidden_act="quick_gelu", pad_token=_EOS)
+
+
+def _heads(heads, block_out_channels) -> dict:
+    """UNet head fields from diffusers' head count, one number or one per level: a count shared by every level
+    (SD 1.x) or a width shared by every level (SD 2.x: 5, 10, 20, 20 heads of 64)."""
+    if isinstance(heads, int):
+        return dict(num_heads=heads, num_head_channels=-1)
+    if not all(isinstance(h, int) and h > 0 for h in heads) or len(heads) != len(block_out_channels):
+        raise CheckpointError(f"the UNet's head counts {heads!r} are not one positive count per level")
+    if len(set(heads)) == 1:
+        return dict(num_heads=heads[0], num_head_channels=-1)
+    widths = {c // h for c, h in zip(block_out_channels, heads)}
+    if len(widths) != 1 or any(c % h for c, h in zip(block_out_channels, heads)):
+        raise CheckpointError(f"the UNet's heads {list(heads)} for channels {list(block_out_channels)} share neither "
+                              "a count nor a width")
+    return dict(num_heads=-1, num_head_channels=widths.pop())
+
+
+def _pad_token(tokenizer: dict) -> str | None:
+    """The pad token of a tokenizer folder's special_tokens_map.json: a string, or transformers' AddedToken dict."""
+    pad = tokenizer.get("pad_token")
+    return pad.get("content") if isinstance(pad, dict) else pad
+
+
 def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
-    """ModelConfig from a diffusers folder's unet/, vae/ and text_encoder/ config.json files. Each entry read is
+    """ModelConfig from a diffusers folder's unet/, vae/ and text_encoder/ config.json files, with the prediction type
+    of scheduler/scheduler_config.json ("epsilon" without one) and the pad token of tokenizer/. Each entry read is
     checked before any arithmetic is done with it."""
     for part, source in configs.items():
         if not isinstance(source, dict):
@@ -216,8 +270,10 @@ def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
     if len(down_blocks) != len(channel_mult):
         raise CheckpointError(f"unet/config.json: {len(down_blocks)} down_block_types for "
                               f"{len(channel_mult)} block_out_channels")
-    # SD1.x's diffusers config names its head count attention_head_dim, a known misnomer kept for compatibility.
+    # diffusers names the UNet's head count attention_head_dim, a known misnomer kept for compatibility.
     heads = "num_attention_heads" if configs["unet"].get("num_attention_heads") else "attention_head_dim"
+    heads = get("unet", heads, "ints" if isinstance(configs["unet"].get(heads), (list, tuple)) else "int")
+    sd2 = get("unet", "use_linear_projection", "bool", False)
     unet = dict(
         in_channels=get("unet", "in_channels", "int"),
         out_channels=get("unet", "out_channels", "int"),
@@ -225,10 +281,12 @@ def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
         channel_mult=channel_mult,
         num_res_blocks=get("unet", "layers_per_block", "int"),
         attention_resolutions=tuple(2**i for i, b in reversed(list(enumerate(down_blocks))) if b.startswith("CrossAttn")),
-        num_heads=first("unet", heads),
+        **_heads(heads, [mc * m for m in channel_mult]),
         transformer_depth=first("unet", "transformer_layers_per_block", 1),
         context_dim=get("unet", "cross_attention_dim", "int"),
+        use_linear_in_transformer=sd2,
         norm_groups=get("unet", "norm_num_groups", "int", 32),
+        sample_size=get("unet", "sample_size", "int", 64),
     )
     ch, ch_mult = widths("vae")
     vae = dict(
@@ -245,9 +303,13 @@ def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
     # The text encoder's config.json uses the engine's field names; from_dict checks them.
     keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "max_position_embeddings", "hidden_act", "layer_norm_eps")
-    text = {k: configs["text_encoder"][k] for k in keys if k in configs["text_encoder"]}
+    text = {"pad_token": _text_family(sd2)["pad_token"], **{k: configs["text_encoder"][k] for k in keys
+                                                            if k in configs["text_encoder"]}}
+    if pad := _pad_token(configs.get("tokenizer", {})):
+        text["pad_token"] = pad
+    prediction_type = get("scheduler", "prediction_type", "str", "epsilon") if "scheduler" in configs else "epsilon"
     try:
-        return ModelConfig.from_dict({"unet": unet, "vae": vae, "text": text})
+        return ModelConfig.from_dict({"unet": unet, "vae": vae, "text": text, "prediction_type": prediction_type})
     except ValueError as e:
         raise CheckpointError(f"the diffusers config.json files describe an unsupported model: {e}") from None
 
@@ -264,4 +326,34 @@ _DIFFUSERS_KINDS = {
              lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(map(_positive, v))),
     "strs": ("a list of strings", lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
     "number": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
 }
+
+
+def stated_prediction_type(metadata: dict) -> str | None:
+    """What a single file's own metadata says its UNet predicts: Stability's ModelSpec field
+    modelspec.prediction_type ("epsilon" or "v"; kohya's sd-scripts write it), or ComfyUI's v_pred marker tensor."""
+    spec = metadata.get("modelspec.prediction_type")
+    if spec is not None:
+        named = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
+        if spec not in named:
+            raise CheckpointError(f"its metadata gives modelspec.prediction_type {spec!r}, which is neither "
+                                  "epsilon nor v; pass the prediction type explicitly")
+        return named[spec]
+    return "v_prediction" if "v_pred" in metadata else None
+
+
+def probe_prediction_type(unet: torch.nn.Module, config: ModelConfig) -> tuple[str, float]:
+    """AUTOMATIC1111's test for an SD 2.x file that does not say what its UNet predicts: one evaluation at the last
+    training timestep (999) of an 8x8 latent of 0.5s under a 2-token context of 0.5s. There the latent is nearly all
+    noise, so a noise-predicting model returns about its input, while a v-predicting one returns about minus its
+    guess of the clean latent; AUTOMATIC1111 takes a mean of (output - input) below -1 for v-prediction. Runs the
+    reference ops (nothing to compile for one call). Returns the decision and that mean."""
+    weight = unet.out[2].weight
+    with torch.inference_mode(), kernels.backend("torch"):
+        x = torch.full((1, config.unet.in_channels, 8, 8), 0.5, dtype=weight.dtype, device=weight.device)
+        context = torch.full((1, 2, config.unet.context_dim), 0.5, dtype=weight.dtype, device=weight.device)
+        out = unet(x, torch.tensor([999.0], device=weight.device), context)
+        statistic = (out.float() - x.float()).mean().item()
+    return ("v_prediction" if statistic < -1 else "epsilon"), statistic
