@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from tritonsd import kernels
 from tritonsd import loader
@@ -88,7 +88,7 @@ def test_parameters_read_an_a1111_png_text():
     assert parse_parameters(text) == {
         "prompt": "a castle on a hill, masterpiece\nwide shot", "negative_prompt": "lowres, bad anatomy",
         "steps": 20, "sampler": "dpmpp_2m_karras", "cfg": 7.0, "seed": 3551390545, "width": 512, "height": 768,
-        "model_hash": "6ce0161689", "model": "v1-5-pruned-emaonly", "strength": 0.7, "Clip skip": "2",
+        "model_hash": "6ce0161689", "model": "v1-5-pruned-emaonly", "strength": 0.7, "clip_skip": 2,
         "Lora hashes": "a: 1, b: 2",
     }
 
@@ -120,7 +120,8 @@ def test_txt2img_writes_a_png_that_records_its_settings(capsys, model, tmp_path,
     assert "seed 1234" in stderr and "steps/s on cpu (fp32)" in stderr, f"summary line missing: {stderr!r}"
     with Image.open(out) as im:
         assert im.size == (width, height), f"image is {im.size}, asked for {(width, height)}"
-    a1111_name = {"euler_a": "Euler a", "dpmpp_2m_karras": "DPM++ 2M Karras"}[sampler]
+    # As the web UI (1.9+) writes them: the Karras schedule is a Schedule type, not part of the sampler's name.
+    a1111_name = {"euler_a": "Euler a", "dpmpp_2m_karras": "DPM++ 2M, Schedule type: Karras"}[sampler]
     negative_line = f"Negative prompt: {negative}\n" if negative else ""
     assert parameters(out) == (
         f"a red cube, studio light\n{negative_line}Steps: 3, Sampler: {a1111_name}, CFG scale: 5.5, Seed: 1234, "
@@ -232,7 +233,7 @@ def test_info_describes_checkpoints(capsys, model, tmp_path):
 def test_info_rejects_what_is_not_a_stable_diffusion_checkpoint(capsys, foreign, model, tmp_path):
     stdout, stderr = cli_fails(capsys, "info", foreign)
     assert "architecture  unknown" in stdout and "fc 50" in stdout, f"info should still say what the file holds:\n{stdout}"
-    assert stderr.startswith("tritonsd: error: ") and "not a Stable Diffusion 1.x checkpoint" in stderr, stderr
+    assert stderr.startswith("tritonsd: error: ") and "not a Stable Diffusion checkpoint" in stderr, stderr
     text = tmp_path / "notes.txt"
     text.write_text("not weights")
     _, stderr = cli_fails(capsys, "info", text)
@@ -328,6 +329,76 @@ def test_interrupt_while_writing_leaves_no_partial_file(capsys, model, tmp_path,
     monkeypatch.setattr(Image.Image, "save", half_written)
     cli_fails(capsys, "txt2img", "a cube", "--model", model, "-o", tmp_path / "a.png", *FAST, status=130)
     assert list(tmp_path.iterdir()) == [], f"left {[p.name for p in tmp_path.iterdir()]}"
+
+
+LONG_PROMPT = "(masterpiece:1.2), a lighthouse on a cliff, " + ", ".join(["[stormy] sea at dusk"] * 20) + " BREAK fog"
+
+
+def test_from_png_reproduces_the_image_and_options_override_it(capsys, model, tmp_path):
+    first = tmp_path / "first.png"
+    cli(capsys, "txt2img", LONG_PROMPT, "--negative-prompt", "(blurry:1.3)", "--clip-skip", 2, "--sampler", "euler_a",
+        "--cfg", 6, "--seed", 21, "--model", model, "-o", first, *FAST)
+    assert "Clip skip: 2, Pad conds: True" in parameters(first), "3 chunks against 1 should record the padding"
+    again = tmp_path / "again.png"
+    cli(capsys, "txt2img", "--from-png", first, "--model", model, "-o", again, "--device", "cpu")
+    assert parameters(again) == parameters(first), "replaying a PNG should record the same settings"
+    assert np.array_equal(pixels(again), pixels(first)), "replaying a PNG drew another image"
+    other = tmp_path / "other.png"
+    cli(capsys, "txt2img", "--from-png", first, "--seed", 22, "--clip-skip", 1, "--model", model, "-o", other,
+        "--device", "cpu")
+    settings = parse_parameters(parameters(other))
+    assert (settings["seed"], settings.get("clip_skip", 1), settings["prompt"]) == (22, 1, LONG_PROMPT), settings
+    assert not np.array_equal(pixels(other), pixels(first))
+
+
+def test_from_png_says_what_it_does_not_reproduce(capsys, model, tmp_path):
+    source = tmp_path / "a1111.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cube\nSteps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 7, Seed: 5, "
+                                "Size: 32x32, Model hash: 0123456789, Model: other, Hires upscale: 2")
+    Image.new("RGB", (32, 32)).save(source, pnginfo=info)
+    _, stderr = cli(capsys, "txt2img", "--from-png", source, "--model", model, "-o", tmp_path / "b.png", "--device", "cpu")
+    assert "settings tritonsd does not apply: Sampler, Schedule type, Hires upscale" in stderr, stderr
+    assert "was made with model other (hash 0123456789)" in stderr, stderr
+
+
+def test_clip_skip_changes_the_image(capsys, model, tmp_path):
+    for skip in (1, 2):
+        cli(capsys, "txt2img", "a lighthouse", "--clip-skip", skip, "--seed", 1, "--model", model,
+            "-o", tmp_path / f"{skip}.png", *FAST)
+    assert "Clip skip" not in parameters(tmp_path / "1.png"), "clip skip 1 is the default; A1111 leaves it out"
+    assert parse_parameters(parameters(tmp_path / "2.png"))["clip_skip"] == 2
+    assert not np.array_equal(pixels(tmp_path / "1.png"), pixels(tmp_path / "2.png"))
+
+
+def test_embeddings_folder_names_its_files_in_prompts(capsys, model, tmp_path):
+    """tsdblue.pt holds the token vector of "blue"; a file for another model and a text file are skipped."""
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    pipe = Pipeline.from_checkpoint(model)
+    blue, = pipe.tokenizer.encode("blue")
+    vector = pipe.text_encoder.embeddings.token_embedding.weight[blue][None].clone()
+    torch.save({"string_to_param": {"*": vector}, "name": "tsdblue"}, folder / "tsdblue.pt")
+    safetensors.torch.save_file({"emb_params": torch.zeros(2, 768)}, folder / "sd15only.safetensors")
+    (folder / "notes.txt").write_text("not an embedding")
+    _, stderr = cli(capsys, "txt2img", "a tsdblue cube", "--embeddings", folder, "--seed", 4, "--model", model,
+                    "-o", tmp_path / "embedded.png", "--verbose", *FAST)
+    warnings = [line for line in stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "sd15only.safetensors: embedding vectors of size 768" in warnings[0], stderr
+    assert "embeddings: tsdblue\n" in stderr and "prompt: 3 tokens in 1 chunk(s) of 75" in stderr, stderr
+    cli(capsys, "txt2img", "a blue cube", "--seed", 4, "--model", model, "-o", tmp_path / "plain.png", *FAST)
+    assert np.array_equal(pixels(tmp_path / "embedded.png"), pixels(tmp_path / "plain.png")), (
+        "'tsdblue' should draw what 'blue' draws"
+    )
+
+
+def test_verbose_counts_the_tokens_of_long_prompts(capsys, model, tmp_path):
+    _, stderr = cli(capsys, "txt2img", LONG_PROMPT, "--negative-prompt", "blurry", "--seed", 1, "--model", model,
+                    "-o", tmp_path / "a.png", "--verbose", *FAST)
+    # masterpiece (1), ", a lighthouse on a cliff ," (7), 20 times "stormy sea at dusk" (4) with 19 commas, then
+    # BREAK and fog (1): the first 107 tokens fill two chunks, fog has a third.
+    assert "prompt: 108 tokens in 3 chunk(s) of 75" in stderr, stderr
+    assert "negative prompt: 1 tokens in 1 chunk(s) of 75" in stderr, stderr
 
 
 # Bad input through the real command: every case runs `python -m tritonsd ARGS` (what the `tritonsd` script and
@@ -433,6 +504,17 @@ BAD_INPUT = [
     ("convert onto a full disk", CONVERT, "cannot write {out}/x.safetensors:", dict(status=1, fsize=65536)),
     ("info on missing file", ["info", "{tmp}/none.safetensors"], "no such file or folder"),
     ("no command", [], "the following arguments are required: COMMAND"),
+    ("clip skip zero", [*TXT2IMG, "--clip-skip", "0"], "clip_skip must be an integer >= 1 (1 = the last layer), got 0"),
+    ("clip skip past the layers", [*TXT2IMG, "--clip-skip", "3"], "clip_skip 3 is past the text encoder's first layer: it has 2 layers"),
+    ("embeddings folder missing", [*TXT2IMG, "--embeddings", "{tmp}/none"], "--embeddings {tmp}/none is not a folder"),
+    ("no prompt", ["txt2img", "--model", "{model}", "-o", "{out}/a.png"], "txt2img needs a PROMPT, or --from-png"),
+    ("from-png missing", ["txt2img", "--from-png", "{tmp}/none.png", "-o", "{out}/a.png"], "cannot read --from-png"),
+    ("from-png without parameters", ["txt2img", "--from-png", "{image}", "-o", "{out}/a.png"], "has no 'parameters' text chunk"),
+    ("from-png on a text file", ["txt2img", "--from-png", "{text}", "-o", "{out}/a.png"], "cannot read --from-png"),
+    ("weight not a number", ["txt2img", "(a cube:1.2.3)", "--model", "{tmp}/none.safetensors", "-o", "{out}/a.png"],
+     "prompt weight '1.2.3'"),
+    ("weight not a number in a batch", ["batch", "{bad_weights}", "--out", "{out}", "--model", "{tmp}/none.safetensors"],
+     "bad_weights.txt line 2: prompt weight '..'"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUT.append(("cuda without cuda", [*TXT2IMG, "--device", "cuda"], "--device is 'cuda' but CUDA is not available"))
@@ -464,6 +546,7 @@ def bad_runs(tmp_path_factory, model, foreign):
     (tmp / "notes.txt").write_text("not an image, not weights\n")
     (tmp / "empty.txt").write_text("\n  \n")
     (tmp / "prompts.txt").write_text("a cube\n")
+    (tmp / "bad_weights.txt").write_text("a cube\n(a sphere:..)\n")
     Image.new("RGB", (32, 32)).save(tmp / "in.png")
     # A folder this process cannot write to. Root writes anywhere, so as root that case runs with the effective user
     # id of nobody, and the folder sits in a place nobody can reach.
@@ -471,7 +554,7 @@ def bad_runs(tmp_path_factory, model, foreign):
     shared.chmod(0o755)
     files = dict(
         tmp=str(tmp), model=str(model), foreign=str(foreign), text=str(tmp / "notes.txt"), empty=str(tmp / "empty.txt"),
-        prompts=str(tmp / "prompts.txt"), image=str(tmp / "in.png"), bomb=str(png_declaring(tmp / "bomb.png", 10000, 10000)),
+        prompts=str(tmp / "prompts.txt"), bad_weights=str(tmp / "bad_weights.txt"), image=str(tmp / "in.png"), bomb=str(png_declaring(tmp / "bomb.png", 10000, 10000)),
         nan_unet=str(model_with_nan(tmp / "nan-unet.safetensors", "unet.")),
         nan_text=str(model_with_nan(tmp / "nan-text.safetensors", "text_encoder.")),
     )

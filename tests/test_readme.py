@@ -44,3 +44,12 @@ def test_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(block("python"), "README.md", "exec"), {})
     assert (tmp_path / "square.png").is_file()
+
+
+@needs_demo
+def test_prompts_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block("prompts"), "README.md", "exec"), scope)
+    assert (tmp_path / "redcircle.png").is_file() and scope["name"] == "redcircle"
+    assert tuple(scope["context"].shape[:2]) == (2, 154), scope["context"].shape

@@ -13,15 +13,7 @@ import json
 import re
 from pathlib import Path
 
-SAMPLER_NAMES = {
-    "ddpm": "DDPM",
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-}
-_SAMPLER_IDS = {v: k for k, v in SAMPLER_NAMES.items()}
+from tritonsd.engine.samplers import a1111_fields, from_a1111
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -49,11 +41,14 @@ def model_hash(path: str | Path) -> str:
 
 def format_parameters(
     prompt: str, negative_prompt: str, *, steps: int, sampler: str, cfg: float, seed: int, width: int, height: int,
-    model_hash: str, model: str, strength: float | None = None, batch_size: int = 1, batch_pos: int = 0,
+    model_hash: str, model: str, strength: float | None = None, clip_skip: int = 1, pad_conds: bool = False,
+    batch_size: int = 1, batch_pos: int = 0,
 ) -> str:
+    """pad_conds: the prompt and negative prompt took different chunk counts and the shorter was padded with the
+    empty prompt's chunk (tritonsd always pads; A1111 does with this field, its "Pad prompt/negative prompt")."""
     fields = {
         "Steps": steps,
-        "Sampler": SAMPLER_NAMES[sampler],
+        **a1111_fields(sampler),
         "CFG scale": _number(cfg),
         "Seed": seed,
         "Size": f"{width}x{height}",
@@ -62,6 +57,10 @@ def format_parameters(
     }
     if strength is not None:
         fields["Denoising strength"] = _number(strength)
+    if clip_skip > 1:  # A1111 writes it only when it is not the default
+        fields["Clip skip"] = clip_skip
+    if pad_conds:
+        fields["Pad conds"] = True
     # One seed draws the whole batch, so an image is reproduced by its batch size and position, not by seed + i.
     if batch_size > 1:
         fields["Batch size"] = batch_size
@@ -75,8 +74,9 @@ def format_parameters(
 
 def parse_parameters(text: str) -> dict:
     """The settings back from a `parameters` chunk: prompt, negative_prompt, steps, sampler (our id when known),
-    cfg, seed, width, height, model_hash, model, and strength, batch_size, batch_pos when present. Fields this
-    project does not write are kept under their A1111 names."""
+    cfg, seed, width, height, model_hash, model, and strength, clip_skip, pad_conds, batch_size, batch_pos when
+    present.
+    Fields this project does not write are kept under their A1111 names."""
     lines = text.strip("\n").split("\n")
     fields = {}
     if len(_FIELD.findall(lines[-1])) >= 3:
@@ -88,10 +88,15 @@ def parse_parameters(text: str) -> dict:
         else:
             prompt.append(line)
     out = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    sampler = from_a1111(fields["Sampler"], fields.get("Schedule type")) if "Sampler" in fields else None
+    if sampler is not None:  # the schedule type is part of the sampler; an unknown pair stays under A1111's names
+        out["sampler"] = sampler
+        fields = {k: v for k, v in fields.items() if k not in ("Sampler", "Schedule type")}
     typed = {
-        "Steps": ("steps", int), "Sampler": ("sampler", lambda v: _SAMPLER_IDS.get(v, v)), "CFG scale": ("cfg", float),
+        "Steps": ("steps", int), "CFG scale": ("cfg", float),
         "Seed": ("seed", int), "Model hash": ("model_hash", str), "Model": ("model", str),
-        "Denoising strength": ("strength", float), "Batch size": ("batch_size", int), "Batch pos": ("batch_pos", int),
+        "Denoising strength": ("strength", float), "Clip skip": ("clip_skip", int),
+        "Pad conds": ("pad_conds", lambda v: v == "True"), "Batch size": ("batch_size", int), "Batch pos": ("batch_pos", int),
     }
     for key, value in fields.items():
         if key == "Size":

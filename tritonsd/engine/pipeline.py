@@ -15,10 +15,12 @@ from tritonsd.engine import memory
 from tritonsd.engine.config import ModelConfig
 from tritonsd.engine.graphs import GraphCache
 from tritonsd.engine.model import StableDiffusion
-from tritonsd.engine.samplers import SamplerPlan
+from tritonsd.engine.prompts import PromptTokenizer, encode_chunks
+from tritonsd.engine.samplers import C_IN, COEFFICIENTS, TIMESTEP, SamplerPlan, with_prediction_type
 from tritonsd.engine.settings import (
-    Settings, SettingError, check_config, check_device, check_dtype, check_path, read_image,
+    Settings, SettingError, check_config, check_device, check_dtype, check_path, prompt_lists, read_image,
 )
+from tritonsd.engine.text_encoder import check_clip_skip
 from tritonsd.engine.tokenizer import CLIPTokenizer
 
 
@@ -32,6 +34,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.unet, self.vae, self.text_encoder = model.unet, model.vae, model.text_encoder
         self.config: ModelConfig = model.config
+        self.prompt_tokenizer = PromptTokenizer(tokenizer, self.config.text.vocab_size)
         # Pixels per latent: the VAE halves the size at every level but the last.
         self.vae_scale = 2 ** (len(self.config.vae.ch_mult) - 1)
         self.default_size = self.config.unet.sample_size * self.vae_scale
@@ -45,16 +48,17 @@ class Pipeline:
     @classmethod
     def from_checkpoint(
         cls, path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-        config: ModelConfig | None = None,
+        config: ModelConfig | None = None, prediction_type: str | None = None,
     ) -> "Pipeline":
-        """Load an original single-file checkpoint, a diffusers folder or a tritonsd file (the demo model if no path)."""
+        """Load an original single-file checkpoint, a diffusers folder or a tritonsd file (the demo model if no path).
+        prediction_type ("epsilon" or "v_prediction") overrides what the checkpoint says its UNet predicts."""
         from tritonsd import loader
 
         path = loader.default_model() if path is None else check_path("path", path)
         check_device(device)
         check_dtype(dtype)
         check_config(config)
-        model, tokenizer = loader.load(path, device=device, dtype=dtype, config=config)
+        model, tokenizer = loader.load(path, device=device, dtype=dtype, config=config, prediction_type=prediction_type)
         return cls(model, tokenizer)
 
     @property
@@ -66,9 +70,32 @@ class Pipeline:
         return self.unet.out[2].weight.dtype
 
     @torch.inference_mode()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        context = self._run("text", self.text_encoder, self.tokenizer(prompts).to(self.device)).clone()
+    def encode_prompt(self, prompt: str | list[str], clip_skip: int = 1) -> torch.Tensor:
+        """What the UNet attends to: [B, 77 * n, hidden] in the model dtype, for prompts in AUTOMATIC1111's syntax
+        (tritonsd.engine.prompts), n the most chunks any of them takes; shorter prompts end in the empty prompt's
+        chunk."""
+        texts, _ = prompt_lists(prompt, "")
+        check_clip_skip(clip_skip, self.config.text.num_hidden_layers)
+        batch = [self.prompt_tokenizer.chunks(text) for text in texts]
+        context = encode_chunks(
+            batch, self.prompt_tokenizer.empty,
+            lambda ids: self._run("text", self.text_encoder, ids.to(self.device), clip_skip),
+        )
         return _finite(context, "text encoder")
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Read a textual-inversion embedding (A1111's .pt or .safetensors, diffusers' learned_embeds) and return the
+        word that names it in prompts: `token`, or else the file's name without its suffix."""
+        from tritonsd.loader.embeddings import read_embedding
+
+        vectors = read_embedding(path, self.config.text.hidden_size)
+        name = Path(path).stem if token is None else token
+        self.prompt_tokenizer.add_embedding(name, vectors)
+        self.text_encoder.embeddings.extra = self.prompt_tokenizer.table.to(self.device, self.dtype)
+        if self._graphs is not None:
+            # The captured text-encoder graphs read the table that was just replaced.
+            self._graphs.drop(lambda graph: graph[0] == "text")
+        return name
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -92,23 +119,23 @@ class Pipeline:
     def txt2img(
         self, prompt: str | list[str], negative_prompt: str | list[str] = "", steps: int = 30, guidance_scale: float = 7.5,
         sampler: str = "euler", seed: int | None = None, width: int | None = None, height: int | None = None,
-        batch_size: int = 1, output_type: str = "pil", progress: bool = False,
+        batch_size: int = 1, output_type: str = "pil", progress: bool = False, clip_skip: int = 1,
     ):
-        """width and height default to the size the model was trained at (512 for SD1.x)."""
+        """width and height default to the size the model was trained at (512 for SD 1.x, 768 for SD 2.x v-models)."""
         settings = Settings(
             prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
-            width=width, height=height, batch_size=batch_size, output_type=output_type,
+            width=width, height=height, batch_size=batch_size, output_type=output_type, clip_skip=clip_skip,
         )
         return self.generate(settings, progress=progress)
 
     def img2img(
         self, image, prompt: str | list[str], strength: float = 0.8, negative_prompt: str | list[str] = "", steps: int = 30,
         guidance_scale: float = 7.5, sampler: str = "euler", seed: int | None = None, batch_size: int = 1,
-        output_type: str = "pil", progress: bool = False,
+        output_type: str = "pil", progress: bool = False, clip_skip: int = 1,
     ):
         settings = Settings(
             prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
-            batch_size=batch_size, strength=strength, output_type=output_type,
+            batch_size=batch_size, strength=strength, output_type=output_type, clip_skip=clip_skip,
         )
         return self.generate(settings, image, progress=progress)
 
@@ -139,10 +166,11 @@ class Pipeline:
         """Run `settings`: txt2img, or img2img of `image` when settings.strength is set. What `check` refuses is
         refused before any work; a stage that gives NaN or Inf raises NonFiniteError naming it."""
         picture, width, height = self._prepare(settings, image)
-        plan = settings.plan
+        plan = with_prediction_type(settings.plan, self.config.prediction_type)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
         context = self._context(
-            list(settings.prompts), list(settings.negative_prompts), settings.batch_size, settings.guidance_scale
+            list(settings.prompts), list(settings.negative_prompts), settings.batch_size, settings.guidance_scale,
+            settings.clip_skip,
         )
         if settings.strength is None:
             shape = (settings.images, self.config.unet.in_channels, height // self.vae_scale, width // self.vae_scale)
@@ -159,9 +187,11 @@ class Pipeline:
         latents = self._denoise(latents, context, plan, settings.guidance_scale, generator, progress)
         return self._output(_finite(latents, "UNet sampling"), settings.output_type)
 
-    def _context(self, prompts: list[str], negatives: list[str], batch_size: int, guidance_scale: float) -> torch.Tensor:
+    def _context(
+        self, prompts: list[str], negatives: list[str], batch_size: int, guidance_scale: float, clip_skip: int,
+    ) -> torch.Tensor:
         texts = negatives + prompts if guidance_scale > 1.0 else prompts
-        return self.encode_prompt(texts).repeat_interleave(batch_size, dim=0)
+        return self.encode_prompt(texts, clip_skip).repeat_interleave(batch_size, dim=0)
 
     def _denoise(
         self, latents: torch.Tensor, context: torch.Tensor, plan: SamplerPlan, guidance_scale: float,
@@ -172,8 +202,7 @@ class Pipeline:
         (nothing else draws in between). A plan that adds noise at some steps gets zeros at the others (s = 0
         there), so every step runs the same code and, on CUDA, replays one graph."""
         guided = guidance_scale > 1.0
-        schedule = torch.cat([plan.timesteps[:, None], plan.c_in[:, None], plan.coef], dim=1)
-        schedule = schedule.to(self.device, torch.float32)
+        schedule = plan.schedule().to(self.device, torch.float32)
         guidance = torch.full((1,), guidance_scale, dtype=torch.float32, device=self.device) if guided else None
         extra = torch.zeros_like(latents) if plan.uses_extra else None
         noise = None
@@ -191,9 +220,9 @@ class Pipeline:
     def _step(self, x: torch.Tensor, extra, noise, context: torch.Tensor, guidance, row: torch.Tensor):
         """One denoising step: the UNet on the scaled latents (twice stacked under guidance), then guidance and the
         sampler update in one kernel. Latents stay float32; the UNet sees the model dtype."""
-        x_in = (x * row[1]).to(self.dtype)
-        out = self.unet(torch.cat([x_in, x_in]) if guidance is not None else x_in, row[0], context)
-        return kernels.guided_step(out, x, row[2:], guidance, extra, noise)
+        x_in = (x * row[C_IN]).to(self.dtype)
+        out = self.unet(torch.cat([x_in, x_in]) if guidance is not None else x_in, row[TIMESTEP], context)
+        return kernels.guided_step(out, x, row[COEFFICIENTS], guidance, extra, noise)
 
     def _output(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":

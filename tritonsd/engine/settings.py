@@ -18,6 +18,7 @@ from PIL import Image
 
 from tritonsd.engine.config import ModelConfig
 from tritonsd.engine.samplers import SamplerPlan, make_plan
+from tritonsd.engine.text_encoder import check_clip_skip
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -117,7 +118,7 @@ def check_path(argument: str, path) -> Path:
     return Path(path)
 
 
-def _prompt_lists(prompt, negative_prompt) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def prompt_lists(prompt, negative_prompt) -> tuple[tuple[str, ...], tuple[str, ...]]:
     prompts = (prompt,) if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise SettingError("prompt", f"must be a string or a non-empty list of strings, got {type(prompt).__name__}")
@@ -149,6 +150,7 @@ class Settings:
     batch_size: int = 1  # images per prompt
     strength: float | None = None  # img2img: how much of the schedule runs, in (0, 1]
     output_type: str = "pil"
+    clip_skip: int = 1  # 1: the text encoder's last layer; n: n - 1 layers earlier (A1111's "Clip skip")
     prompts: tuple[str, ...] = field(init=False, repr=False)
     negative_prompts: tuple[str, ...] = field(init=False, repr=False)
     plan: SamplerPlan = field(init=False, repr=False, compare=False)
@@ -157,7 +159,7 @@ class Settings:
         def put(name, value):
             object.__setattr__(self, name, value)
 
-        prompts, negatives = _prompt_lists(self.prompt, self.negative_prompt)
+        prompts, negatives = prompt_lists(self.prompt, self.negative_prompt)
         put("prompts", prompts)
         put("negative_prompts", negatives)
         put("steps", check_integer("steps", self.steps, "an integer"))
@@ -178,6 +180,7 @@ class Settings:
                 raise SettingError("width", "and height are the image's own in img2img; leave them None")
         if not isinstance(self.output_type, str) or self.output_type not in OUTPUT_TYPES:
             raise SettingError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
+        check_clip_skip(self.clip_skip)  # the layer count is the model's: encode_prompt checks the upper bound
         # The sampler's own checks: its name, the step count and strength against the training schedule.
         put("plan", make_plan(self.sampler, self.steps, 1.0 if self.strength is None else self.strength))
 
