@@ -219,7 +219,7 @@ def test_unreadable_config_file(tmp_path, text, message):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(unet=dict(num_heads=3)), "unet.model_channels 32 is not divisible by num_heads 3"),
+    (dict(unet=dict(num_heads=3)), "unet channels 32 not divisible by num_heads 3"),
     (dict(unet=dict(attention_resolutions=[4])), "unet.attention_resolutions [4] must be downsampling factors of the UNet's 2 levels, [1, 2]"),
     (dict(unet=dict(out_channels=8)), "unet.out_channels 8 differs from in_channels 4: the UNet predicts noise of the latents' shape"),
     (dict(unet=dict(model_channels=4096, channel_mult=[8, 8], num_heads=8, norm_groups=8)), "unet's widest level has 32768 channels; at most 16384"),
@@ -235,9 +235,9 @@ def test_fields_that_disagree_with_each_other(changes, message):
 
 
 @pytest.mark.parametrize("d, message", [
-    ([TINY.to_dict()], "model config must be a dict of parts (unet, vae, text); got [{'text': {...}, 'unet': {...}, 'vae': {...}}] (list)"),
+    ([TINY.to_dict()], "model config must be a dict of parts (unet, vae, text); got [{'prediction_type': 'epsilon', 'text': {...}, 'unet': {...}, 'vae': {...}}] (list)"),
     ({"unet": [32]}, "model config part 'unet' must be a dict of fields; got [32] (list)"),
-    ({"unet": {}, "lora": {}}, "unknown model config part(s) ['lora']; expected ['text', 'unet', 'vae']"),
+    ({"unet": {}, "lora": {}}, "unknown model config part(s) ['lora']; expected ['text', 'unet', 'vae'] and prediction_type"),
     ({"vae": {"channels": 3, 7: 1}}, "unknown field(s) ['7', 'channels'] in model config part 'vae'"),
 ], ids=["list", "part not a dict", "unknown part", "unknown fields"])
 def test_config_shape(d, message):

@@ -87,12 +87,13 @@ PARTS = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}
 
 @dataclass(frozen=True)
 class Limit:
-    """A field's accepted values: numbers in [low, high] (a tuple's items, and its length in `length`), one of
-    `choices` for a string (any string of 1 to `high` characters when there are no choices), or a bool."""
+    """A field's accepted values: numbers in [low, high] or in `also` (a tuple's items, and its length in `length`),
+    one of `choices` for a string (any string of 1 to `high` characters when there are no choices), or a bool."""
     low: float = 0
     high: float = 0
     length: tuple[int, int] | None = None
     choices: tuple[str, ...] = ()
+    also: tuple[int, ...] = ()
 
 
 # Far beyond every Stable Diffusion model (SD 1.x/2.x, SDXL), yet small enough that nothing a file says can make the
@@ -105,8 +106,9 @@ LIMITS: dict[str, dict[str, Limit]] = {
         "channel_mult": Limit(1, 64, length=(1, 8)),
         "num_res_blocks": Limit(1, 16),
         "attention_resolutions": Limit(1, 128, length=(0, 8)),
-        "num_heads": Limit(-1, 256),  # -1: heads of num_head_channels instead (ModelConfig.validate)
-        "num_head_channels": Limit(-1, 4096),
+        # -1: the other one of the two sets the heads (ModelConfig.validate).
+        "num_heads": Limit(1, 256, also=(-1,)),
+        "num_head_channels": Limit(1, 4096, also=(-1,)),
         "transformer_depth": Limit(1, 64),
         "context_dim": Limit(1, 8192),
         "use_linear_in_transformer": Limit(),
@@ -165,8 +167,10 @@ def _check_fields(part) -> None:
     for f, kind in _annotations(type(part)).items():
         value, limit, where = getattr(part, f), LIMITS[name][f], f"{name}.{f}"
         if kind is int:
-            if not (_is_int(value) and limit.low <= value <= limit.high):
-                raise ValueError(f"{where} must be an integer in [{limit.low}, {limit.high}]; got {_describe(value)}")
+            if not (_is_int(value) and (limit.low <= value <= limit.high or value in limit.also)):
+                also = "".join(f" or {v}" for v in limit.also)
+                raise ValueError(f"{where} must be an integer in [{limit.low}, {limit.high}]{also}; "
+                                 f"got {_describe(value)}")
         elif kind is float:  # NaN and infinities fail the range test
             if not ((_is_int(value) or isinstance(value, float)) and limit.low <= value <= limit.high):
                 raise ValueError(f"{where} must be a number in [{limit.low:g}, {limit.high:g}]; got {_describe(value)}")
@@ -289,7 +293,7 @@ class ModelConfig:
             ch = m * u.model_channels
             if ch % u.norm_groups:
                 raise ValueError(f"unet channels {ch} not divisible by norm_groups {u.norm_groups}")
-            if heads[1] <= 0 or ch % heads[1]:
+            if ch % heads[1]:
                 raise ValueError(f"unet channels {ch} not divisible by {heads[0]} {heads[1]}")
         levels = [2**i for i in range(len(u.channel_mult))]
         if any(r not in levels for r in u.attention_resolutions):
