@@ -1,4 +1,4 @@
-"""Tile sweep for the flash-attention kernel at SD1.5's shapes: the data behind `kernels.attention._config`.
+"""Tile sweep for the flash-attention kernel at SD1.5's shapes: the data behind `kernels.attention.plan`.
 
     python bench/attention_sweep.py --json OUT.json [--jobs 12]
 
@@ -23,9 +23,10 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from tritonsd.kernels.attention import AttentionPlan, attention_triton, plan  # noqa: E402
+from tools.sd15_shapes import SD15  # noqa: E402
 
-SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),
-          (2, 8, 256, 256, 160), (2, 8, 4096, 4096, 64)]
+# SD 1.5's UNet attention from full resolution down to L = 256 self-attention, and SD 2's head dim at L = 4096.
+SHAPES = SD15.attention[:5] + [(2, 8, 4096, 4096, 64)]
 TILES = [c for c in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
          if not (c[0] == 64 and c[2] == 8)]
 
@@ -52,7 +53,7 @@ def jobs():
 def worker(index: int, count: int) -> None:
     for shape, config in jobs()[index::count]:
         try:
-            attention_triton(*inputs(shape), config=config)
+            attention_triton(*inputs(shape), tiles=config)
         except Exception as e:  # a config that does not compile is reported by the main process
             print(f"{shape} {config}: {type(e).__name__}", file=sys.stderr)
     torch.cuda.synchronize()
@@ -81,9 +82,9 @@ def main() -> int:
         rows = []
         for config in configs(shape):
             try:
-                out = attention_triton(q, k, v, config=config)
+                out = attention_triton(q, k, v, tiles=config)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
-                ms = do_bench(lambda: attention_triton(q, k, v, config=config), return_mode="median") if err < 1e-2 else None
+                ms = do_bench(lambda: attention_triton(q, k, v, tiles=config), return_mode="median") if err < 1e-2 else None
             except Exception as e:
                 err, ms = f"{type(e).__name__}", None
             rows.append({"config": config._asdict(), "ms": ms, "rel_err": err})

@@ -1,13 +1,15 @@
 """Whole-pipeline speed: tritonsd against diffusers, eager and under torch.compile, on the same random SD1.5
-weights, on one GPU, in one run.
+weights (or SD 2.1 768-v's with --model sd21), on one GPU, in one run.
 
-    python bench/e2e.py --json OUT.json [--skip compiled,cold_start,...] [--model tiny]
+    python bench/e2e.py --json OUT.json [--skip compiled,cold_start,...] [--model sd15|sd21|tiny|tiny-sd2]
 
 Sections (each writes its figures into the JSON as soon as it is done):
 - accuracy: a 30-step 512x512 txt2img in float16 (Triton kernels, CUDA graphs) against the float32 reference
   path (PyTorch ops) on the same weights and seed, as PSNR; and against diffusers' float16 image.
 - unet_step: one guided step (UNet at batch 2B, guidance and sampler update) at 512x512 B=1 and B=4, 768x768 and
   1024x1024: tritonsd's captured step against the diffusers UNet called eagerly.
+- long_prompt: one guided step at 512x512 with the context of a 1-chunk and of a 3-chunk prompt (77 and 231 text
+  tokens), each from its own captured graph.
 - vae_decode: decoding one 64x64 latent to 512x512.
 - txt2img: a whole 30-step 512x512 image (Euler, guidance 7.5), prompt to numpy array, against diffusers'
   StableDiffusionPipeline; and the peak GPU memory of one such image at every size, beyond the weights.
@@ -18,8 +20,12 @@ Sections (each writes its figures into the JSON as soon as it is done):
 - profile: the GPU kernels of one eager tritonsd step at 512x512, by total time.
 - layouts: tritonsd's step and VAE decode with NCHW weights instead of channels_last, and with cuDNN's autotuner.
 
-Times are medians of CUDA-event timings after warm-up. `--model tiny` runs everything on a small model (on the
-CPU when there is no GPU) to check the script itself; its figures mean nothing.
+With --model sd21 every section runs SD 2.1's 768-v architecture (OpenCLIP text tower, heads 64 wide, Linear
+transformer projections, v-prediction) at 768x768, batch 1: the guided step and the 30-step image against diffusers
+eager and compiled are its figures of interest (`--skip profile,layouts,cold_start` leaves the rest out).
+
+Times are medians of CUDA-event timings after warm-up. `--model tiny` and `--model tiny-sd2` run everything on a
+small model (on the CPU when there is no GPU) to check the script itself; their figures mean nothing.
 """
 
 import argparse
@@ -39,8 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-import loader  # noqa: E402
+from tritonsd import kernels, loader  # noqa: E402
 from tritonsd.engine.model import StableDiffusion  # noqa: E402
 from tritonsd.engine.pipeline import Pipeline  # noqa: E402
 from tritonsd.engine.samplers import make_plan  # noqa: E402
@@ -48,31 +53,46 @@ from tritonsd.engine.tokenizer import CLIPTokenizer  # noqa: E402
 from tritonsd.loader.convert import from_diffusers  # noqa: E402
 from tritonsd.loader.infer import config_from_diffusers  # noqa: E402
 
-SECTIONS = ("accuracy", "unet_step", "vae_decode", "txt2img", "compiled", "cold_start", "profile", "layouts")
+SECTIONS = ("accuracy", "unet_step", "long_prompt", "vae_decode", "txt2img", "compiled", "cold_start", "profile",
+            "layouts")
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
 STEPS, GUIDANCE = 30, 7.5
 
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2, sample_size=512,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+TINY_UNET = dict(sample_size=8, cross_attention_dim=32, attention_head_dim=2, block_out_channels=(32, 64),
+                 layers_per_block=1, norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_VAE = dict(block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=16,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+SD1_TEXT = dict(hidden_act="quick_gelu", pad_token="<|endoftext|>", prediction_type="epsilon")
+# SD 2.x: OpenCLIP's GELU tower (23 blocks as used), prompts padded with "!", heads 64 wide, Linear projections.
+SD2_TEXT = dict(hidden_act="gelu", pad_token="!", prediction_type="v_prediction")
 MODELS = {
     "sd15": dict(
         unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
                   block_out_channels=(320, 640, 1280, 1280)),
-        vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2, sample_size=512,
-                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        vae=SD_VAE,
         text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
         sizes=[(512, 1), (512, 4), (768, 1), (1024, 1)],
+        **SD1_TEXT,
     ),
-    "tiny": dict(
-        unet=dict(sample_size=8, cross_attention_dim=32, attention_head_dim=2, block_out_channels=(32, 64),
-                  layers_per_block=1, norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-        vae=dict(block_out_channels=(16, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
-                 sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        sizes=[(16, 1), (24, 2)],
+    "sd21": dict(
+        unet=dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                  use_linear_projection=True, upcast_attention=True, block_out_channels=(320, 640, 1280, 1280)),
+        vae=SD_VAE,
+        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16),
+        sizes=[(768, 1)],
+        **SD2_TEXT,
     ),
+    "tiny": dict(unet=TINY_UNET, vae=TINY_VAE, sizes=[(16, 1), (24, 2)], **SD1_TEXT,
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)),
+    "tiny-sd2": dict(unet={**TINY_UNET, "attention_head_dim": (2, 4), "use_linear_projection": True}, vae=TINY_VAE,
+                     sizes=[(16, 1), (24, 2)], **SD2_TEXT,
+                     text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)),
 }
-TEXT_COMMON = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406,
-                   eos_token_id=49407, pad_token_id=49407)
+TEXT_COMMON = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                   pad_token_id=49407)
 
 
 class Bench:
@@ -142,7 +162,7 @@ class Bench:
 
 
 def build(model: str, device: torch.device, dtype: torch.dtype, tmp: Path):
-    """Random diffusers SD1.x parts and a tritonsd Pipeline on the very same tensors, plus a diffusers pipeline."""
+    """Random diffusers SD 1.x/2.x parts and a tritonsd Pipeline on the very same tensors, plus a diffusers pipeline."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     from transformers import CLIPTokenizer as HFTokenizer
@@ -152,16 +172,19 @@ def build(model: str, device: torch.device, dtype: torch.dtype, tmp: Path):
     with torch.device(device):
         unet = UNet2DConditionModel(**spec["unet"])
         vae = AutoencoderKL(**spec["vae"])
-        text = CLIPTextModel(CLIPTextConfig(**spec["text"], **TEXT_COMMON))
+        text = CLIPTextModel(CLIPTextConfig(**spec["text"], **TEXT_COMMON, hidden_act=spec["hidden_act"]))
     parts = {"unet": unet, "vae": vae, "text_encoder": text}
     for part in parts.values():
         part.to(dtype).eval().requires_grad_(False)
 
-    config = config_from_diffusers({"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": text.config.to_dict()})
+    config = config_from_diffusers({
+        "unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": text.config.to_dict(),
+        "scheduler": {"prediction_type": spec["prediction_type"]}, "tokenizer": {"pad_token": spec["pad_token"]},
+    })
     ours = StableDiffusion.on_meta(config)
     ours.load_state_dict(from_diffusers({k: p.state_dict() for k, p in parts.items()}), strict=True, assign=True)
     ours.eval().requires_grad_(False)
-    tokenizer = CLIPTokenizer.default()
+    tokenizer = CLIPTokenizer.default().with_pad_token(config.text.pad_token)
     pipe = Pipeline(ours, tokenizer)
 
     # The same vocabulary in transformers' files, so diffusers' pipeline tokenizes exactly as tritonsd does.
@@ -170,10 +193,12 @@ def build(model: str, device: torch.device, dtype: torch.dtype, tmp: Path):
     (folder / "vocab.json").write_text(json.dumps(tokenizer.vocab))
     merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    # SD 1.5's scheduler config, whose Euler timesteps are evenly spaced ("linspace"), as tritonsd's euler.
+    # SD 1.5's (and 2.1's) scheduler config, whose Euler timesteps are evenly spaced ("linspace"), as tritonsd's euler.
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       num_train_timesteps=1000, steps_offset=1)
-    theirs = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=HFTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77),
+                                       num_train_timesteps=1000, steps_offset=1, prediction_type=spec["prediction_type"])
+    hf_tokenizer = HFTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
+                               pad_token=spec["pad_token"])
+    theirs = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=hf_tokenizer,
                                      unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                      requires_safety_checker=False)
     theirs.set_progress_bar_config(disable=True)
@@ -201,13 +226,13 @@ def psnr(a, b) -> float:
 class StepInputs:
     """What the sampling loop hands tritonsd's step and diffusers' UNet at one size."""
 
-    def __init__(self, pipe: Pipeline, size: int, batch: int):
+    def __init__(self, pipe: Pipeline, size: int, batch: int, chunks: int = 1):
         lat = size // pipe.vae_scale
         dev = pipe.device
         self.latents = torch.randn(batch, 4, lat, lat, device=dev)
-        self.context = torch.randn(2 * batch, 77, pipe.config.unet.context_dim, device=dev, dtype=pipe.dtype)
-        plan = make_plan("euler", STEPS)
-        self.row = torch.cat([plan.timesteps[:, None], plan.c_in[:, None], plan.coef], 1)[10].to(dev, torch.float32)
+        self.context = torch.randn(2 * batch, 77 * chunks, pipe.config.unet.context_dim, device=dev, dtype=pipe.dtype)
+        plan = make_plan("euler", STEPS, prediction_type=pipe.config.prediction_type)
+        self.row = plan.schedule()[10].to(dev, torch.float32)
         self.guidance = torch.full((1,), GUIDANCE, device=dev)
         self.x2 = torch.randn(2 * batch, 4, lat, lat, device=dev, dtype=pipe.dtype)
         self.t = torch.tensor(500.0, device=dev)
@@ -254,6 +279,17 @@ def run_unet_step(b: Bench, pipe, theirs, sizes):
         print(rows[-1], flush=True)
         del inputs
     return {"rows": rows}
+
+
+def run_long_prompt(b: Bench, pipe, size):
+    rows = []
+    for chunks in (1, 3):
+        inputs = StepInputs(pipe, size, 1, chunks)
+        with torch.inference_mode(), kernels.backend("auto"):
+            rows.append({"chunks": chunks, "tritonsd_ms": b.time_ms(lambda: inputs.ours(pipe), warmup=3, iters=20)})
+        print(rows[-1], flush=True)
+    extra = rows[1]["tritonsd_ms"] / rows[0]["tritonsd_ms"] - 1
+    return {"size": size, "rows": rows, "extra_cost_3_chunks": round(extra, 3)}
 
 
 def run_vae_decode(b: Bench, pipe, theirs, size):
@@ -393,8 +429,8 @@ def main(argv=None) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if skip - set(SECTIONS):
         parser.error(f"--skip takes sections of {','.join(SECTIONS)}; got {args.skip!r}")
-    if not torch.cuda.is_available() and args.model != "tiny":
-        print("bench/e2e.py: needs a CUDA GPU (or --model tiny to check the script on the CPU)", file=sys.stderr)
+    if not torch.cuda.is_available() and not args.model.startswith("tiny"):
+        print("bench/e2e.py: needs a CUDA GPU (or --model tiny/tiny-sd2 to check the script on the CPU)", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -405,10 +441,11 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         pipe, theirs, config = build(args.model, device, dtype, tmp)
         b.report["model"] = {"name": args.model, "dtype": str(dtype).removeprefix("torch."), "steps": STEPS,
-                             "sampler": "euler", "guidance": GUIDANCE}
+                             "sampler": "euler", "guidance": GUIDANCE, "prediction_type": config.prediction_type}
         plan = [
             ("accuracy", run_accuracy, b, pipe, theirs, config, size),
             ("unet_step", run_unet_step, b, pipe, theirs, sizes),
+            ("long_prompt", run_long_prompt, b, pipe, size),
             ("vae_decode", run_vae_decode, b, pipe, theirs, size),
             ("txt2img", run_txt2img, b, pipe, theirs, sizes),
             ("profile", run_profile, b, pipe, size),

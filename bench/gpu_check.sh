@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, a few minutes on an H100/H200: the CUDA tests, the kernel benchmarks, then the whole-pipeline
-# benchmark. Installs nothing (diffusers must be importable for the parity tests and bench/e2e.py). Results go to
-# $OUT (default ./bench/out): gpu-tests.log, bench-pytest.json, kernels.json/.log, e2e.json/.log.
+# benchmark, SD 1.5 and then SD 2.1 768-v. Installs nothing (diffusers must be importable for the parity tests and
+# bench/e2e.py). Results go to $OUT (default ./bench/out): gpu-tests.log, bench-pytest.json, kernels.json/.log,
+# e2e.json/.log, e2e-sd21.json/.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
@@ -14,9 +15,13 @@ timeout 240 python -m pytest -m gpu tests -q --maxfail=5 2>&1 | tee "$OUT/gpu-te
 timeout 60 python -m pytest bench/test_bench_kernels.py -q --benchmark-json="$OUT/bench-pytest.json" 2>&1 | tail -5 || status=1
 timeout 120 python bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" || status=1
 timeout 420 python bench/e2e.py --json "$OUT/e2e.json" ${E2E_ARGS:-} 2>&1 | grep -v Warning > "$OUT/e2e.log" || status=1
-python - "$OUT/e2e.json" <<'PY' || status=1
+timeout 420 python bench/e2e.py --model sd21 --skip profile,layouts,cold_start --json "$OUT/e2e-sd21.json" \
+    2>&1 | grep -v Warning > "$OUT/e2e-sd21.log" || status=1
+python - "$OUT/e2e.json" "$OUT/e2e-sd21.json" <<'PY' || status=1
 import json, sys
-for name, s in json.load(open(sys.argv[1]))["sections"].items():
-    print(name, {k: v for k, v in s.items() if k not in ("kernels", "memory_beyond_weights")})
+for path in sys.argv[1:]:
+    print(path)
+    for name, s in json.load(open(path))["sections"].items():
+        print(name, {k: v for k, v in s.items() if k not in ("kernels", "memory_beyond_weights")})
 PY
 exit "$status"

@@ -45,23 +45,18 @@ from tritonsd.kernels.geglu import geglu_triton  # noqa: E402
 from tritonsd.kernels.group_norm import group_norm_triton  # noqa: E402
 from tritonsd.kernels.guided_step import guided_step_triton  # noqa: E402
 from tritonsd.kernels.layer_norm import layer_norm_triton  # noqa: E402
+from tools.sd15_shapes import GROUP_NORM_STRESS, SD15  # noqa: E402
 
 OPS = ("attention", "group_norm", "step", "geglu", "layer_norm")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
-ATTENTION_SHAPES = [(2, 8, lq, lk, d) for lq, d in ((4096, 40), (1024, 80), (256, 160), (64, 160)) for lk in (lq, 77)]
-GROUP_NORM_SHAPES = [
-    (2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8),
-    (1, 512, 64, 64), (1, 512, 128, 128), (1, 512, 256, 256), (1, 256, 512, 512), (1, 128, 512, 512),
-    (1, 512, 512, 512),
-]
+ATTENTION_SHAPES = SD15.attention
+GROUP_NORM_SHAPES = SD15.unet_group_norm + SD15.vae_group_norm + [GROUP_NORM_STRESS]
 # The engine's activations on CUDA are channels_last: a group is then a run of C/G channels at every pixel.
-GROUP_NORM_CHANNELS_LAST = [(2, 320, 64, 64), (2, 1280, 16, 16), (1, 256, 512, 512), (1, 128, 512, 512)]
-STEP_SHAPE = (1, 4, 64, 64)
-
-
-GEGLU_SHAPES = [(2, 4096, 2 * 1280), (2, 1024, 2 * 2560), (2, 256, 2 * 5120), (2, 64, 2 * 5120)]
-LAYER_NORM_SHAPES = [(2, 4096, 320), (2, 1024, 640), (2, 256, 1280), (2, 64, 1280)]
+GROUP_NORM_CHANNELS_LAST = [SD15.unet_group_norm[0], SD15.unet_group_norm[2], *SD15.vae_group_norm[-2:]]
+STEP_SHAPE = SD15.step
+GEGLU_SHAPES = SD15.geglu
+LAYER_NORM_SHAPES = SD15.layer_norm
 
 
 def time_ms(fn) -> tuple[float, float | None]:
@@ -90,7 +85,7 @@ def bench_attention(dtype):
         if split.tail_d:
             # The same tiles with the head dim padded to one power-of-two tile: what the split saves.
             padded = split._replace(block_d=triton.next_power_of_2(D), tail_d=0)
-            times["triton_padded_head"] = time_ms(lambda: attention_triton(q, k, v, config=padded))
+            times["triton_padded_head"] = time_ms(lambda: attention_triton(q, k, v, tiles=padded))
         for name, sdp_backend in backends.items():
             try:
                 with sdpa_kernel(sdp_backend), warnings.catch_warnings():

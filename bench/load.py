@@ -49,15 +49,12 @@ def write_checkpoint(path: Path) -> None:
 
     from tritonsd.engine.config import ModelConfig
     from tritonsd.engine.model import StableDiffusion
+    from tritonsd.loader.convert import to_original
 
-    prefixes = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-                "text_encoder": "cond_stage_model.transformer.text_model."}
     gen = torch.Generator().manual_seed(0)
-    state = {}
-    for name, meta in StableDiffusion.on_meta(ModelConfig()).state_dict().items():
-        part, rest = name.split(".", 1)
-        state[prefixes[part] + rest] = torch.randn(meta.shape, generator=gen, dtype=torch.float32).to(torch.float16)
-    safetensors.torch.save_file(state, path)
+    state = {name: torch.randn(meta.shape, generator=gen, dtype=torch.float32).to(torch.float16)
+             for name, meta in StableDiffusion.on_meta(ModelConfig()).state_dict().items()}
+    safetensors.torch.save_file(to_original(state), path)
 
 
 def measure(path: Path, how: str, dtype: str) -> tuple[float, float, int]:

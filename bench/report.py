@@ -29,9 +29,10 @@ def kernels_table(report: dict) -> list[str]:
 def e2e_table(report: dict) -> list[str]:
     s = report["sections"]
     compiled = s.get("compiled", {})
+    model = {"sd21": "SD 2.1 768-v"}.get(report.get("model", {}).get("name"), "SD 1.5")
     lines = [
         f"Whole pipeline — {report['device']}, torch {report['torch']}, Triton {report['triton']}, diffusers "
-        f"{report['diffusers']}, float16, random SD 1.5 weights shared by both engines; guided steps (UNet at batch "
+        f"{report['diffusers']}, float16, random {model} weights shared by both engines; guided steps (UNet at batch "
         "2B), medians of CUDA-event timings:",
         "",
         "| | tritonsd | diffusers eager | diffusers compiled | vs eager | vs compiled |",

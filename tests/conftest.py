@@ -34,3 +34,14 @@ def poisoned(monkeypatch):
 def seeded(request):
     """Each test draws the same random inputs on every run and in any order: a failure reproduces."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers(tmp_path_factory):
+    """The tiny model (random weights, seed 0) as a diffusers folder with its tokenizer, written once by diffusers'
+    own conversion; tests that need a variant link to it (tiny.linked_copy)."""
+    from tiny import TINY, original_checkpoint, random_state, write_diffusers_folder
+
+    path = tmp_path_factory.mktemp("diffusers") / "tiny"
+    write_diffusers_folder(path, original_checkpoint(random_state(TINY, seed=0), extras=False), TINY, tokenizer=True)
+    return path

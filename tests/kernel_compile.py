@@ -1,6 +1,6 @@
-"""Ahead-of-time compilation of every kernel variant the engine launches at SD1.5's shapes, for Hopper (sm_90), with
-no GPU. Run as a script it compiles them all and prints one JSON line: {case: {"error": ..., "narrow_loads": ..., "mma_nk": ...,
-"plan": ... for attention}}.
+"""Ahead-of-time compilation of every kernel variant the engine launches at SD 1.5's and SD 2.x's shapes, for Hopper
+(sm_90), with no GPU. Run as a script it compiles them all and prints one JSON line: {case: {"error": ...,
+"narrow_loads": ..., "mma_nk": ..., "plan": ... for attention}}.
 
 It must run without TRITON_INTERPRET: under the interpreter, Triton's own jitted helpers (tl.cdiv, tl.sigmoid) are
 interpreter functions and cannot be compiled. Pointer arguments are taken as 16-byte aligned and integer arguments
@@ -14,15 +14,27 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from tools.sd15_shapes import SD15, SD21_768  # noqa: E402
+
+# (head dim, keys, causal) of each attention the engine launches, and the largest head dim the kernel takes.
+_ATTENTION = dict.fromkeys([(d, lk, False) for _, _, _, lk, d in SD15.attention + SD21_768.attention]
+                           + [(SD15.text_attention[4], SD15.text_attention[3], True), (256, 20, False)])
+# UNet level 0 and its deepest level (channels_last, as the engine runs them), and the VAE's widest full-size one.
+_GROUP_NORM = [f"{n}x{c}x{h * w}-cl" for n, c, h, w in (SD15.unet_group_norm[0], SD15.unet_group_norm[-1])]
+_GROUP_NORM += [f"{n}x{c}x{h * w}-{layout}" for n, c, h, w in SD15.vae_group_norm[-1:] for layout in ("cl", "nchw")]
+_LAYER_NORM_WIDTHS = sorted({c for *_, c in [*SD15.layer_norm, SD15.text_layer_norm]})
+
 CASES = (
     [f"attention-{dt}-D{d}-Lk{lk}{'-causal' if causal else ''}" for dt in ("fp16", "bf16", "fp32")
-     for d, lk, causal in ((40, 4096, False), (40, 77, False), (80, 1024, False), (80, 77, False), (160, 256, False),
-                           (160, 77, False), (64, 77, True), (256, 20, False))]
+     for d, lk, causal in _ATTENTION]
     + [f"group_norm-{dt}-{shape}-{'shift' if shift else 'plain'}" for dt in ("fp16", "fp32")
-       for shape in ("2x320x4096-cl", "2x1280x64-cl", "1x128x262144-cl", "1x128x262144-nchw") for shift in (False, True)]
+       for shape in _GROUP_NORM for shift in (False, True)]
     + [f"guided_step-{flags}" for flags in ("guided", "guided-extra", "noise")]
     + [f"geglu-{dt}" for dt in ("fp16", "bf16", "fp32")]
-    + [f"layer_norm-{dt}-N{n}-{kind}" for dt in ("fp16", "fp32") for n in (320, 768, 1280) for kind in ("plain", "residual")]
+    + [f"layer_norm-{dt}-N{n}-{kind}" for dt in ("fp16", "fp32") for n in _LAYER_NORM_WIDTHS
+       for kind in ("plain", "residual")]
 )
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -94,11 +106,13 @@ def compile_case(case: str) -> str:
                               dict(constants, BLOCK_P=triton.next_power_of_2(cfg.num_chunks), SILU=True),
                               ("eps",), cfg.num_warps)
     if op == "guided_step":
+        from tritonsd.kernels.guided_step import plan as guided_step_plan
+
         pointers = dict(MODEL_OUT="fp16", X="fp32", EXTRA="fp32", NOISE="fp32", COEF="fp32", X_OUT="fp32",
                         EXTRA_OUT="fp32", GUIDANCE="fp32")
-        flags = set(rest)
-        return _compile(_guided_step_kernel, pointers, dict(GUIDED="guided" in flags, HAS_EXTRA="extra" in flags,
-                                                            HAS_NOISE="noise" in flags, BLOCK=2048))
+        flags, cfg = set(rest), guided_step_plan()
+        constants = dict(GUIDED="guided" in flags, HAS_EXTRA="extra" in flags, HAS_NOISE="noise" in flags, BLOCK=cfg.block)
+        return _compile(_guided_step_kernel, pointers, constants, num_warps=cfg.num_warps)
     if op == "layer_norm":
         from tritonsd.kernels.layer_norm import _layer_norm_kernel
         from tritonsd.kernels.layer_norm import plan as layer_norm_plan
@@ -109,12 +123,14 @@ def compile_case(case: str) -> str:
                         dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_RESIDUAL=rest[2] == "residual"), ("eps",),
                         cfg.num_warps, multiples_of_16=("N", "stride_x", "stride_r", "stride_s", "stride_y"))
     if op == "geglu":
-        return _compile(_geglu_kernel, {"X": rest[0], "Y": rest[0]}, {"BLOCK": 2048}, num_warps=8)
+        from tritonsd.kernels.geglu import plan as geglu_plan
+
+        cfg = geglu_plan(SD15.geglu[0][-1] // 2)
+        return _compile(_geglu_kernel, {"X": rest[0], "Y": rest[0]}, {"BLOCK": cfg.block}, num_warps=cfg.num_warps)
     raise ValueError(f"unknown case {case!r}")
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     results = {}
     for case in CASES:
         try:

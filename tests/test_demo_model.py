@@ -157,3 +157,36 @@ def test_triton_path_draws_the_reference_picture(pipe, monkeypatch):
     assert all(launches.values()), f"kernels not reached on the Triton path: {launches}"
     err = np.abs(got - want).max()
     assert err <= 1e-3, f"Triton path differs from the reference path by {err:.2e} (max abs, pixels in [0, 1])"
+
+
+def red_share(images: np.ndarray) -> np.ndarray:
+    """Per image, the share of pixels whose nearest named colour is red."""
+    return (nearest(images.astype(np.float64) * 255) == NAMES.index("red")).mean(axis=(1, 2))
+
+
+def test_attention_weight_changes_how_much_red_is_drawn(pipe):
+    shares = {w: red_share(pipe.txt2img(f"a (red:{w}) circle on a blue background", seed=0, steps=STEPS,
+                                        batch_size=3, output_type="np"))
+              for w in (1.4, 0.6)}
+    print(f"\nshare of red pixels: (red:1.4) {shares[1.4].round(3)}, (red:0.6) {shares[0.6].round(3)}")
+    assert (shares[1.4] > shares[0.6]).all(), f"(red:1.4) should draw more red than (red:0.6) from the same noise: {shares}"
+    assert shares[1.4].mean() >= shares[0.6].mean() + 0.1, f"red share moved by less than 10 points: {shares}"
+
+
+def test_a_textual_inversion_embedding_draws_what_its_vectors_say(pipe, tmp_path):
+    """tsdtest holds the token vectors of "a red circle", in A1111's .pt format."""
+    import torch
+
+    words = pipe.tokenizer.encode("a red circle")
+    vectors = pipe.text_encoder.embeddings.token_embedding.weight[words].float().clone()
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "tsdtest", "step": 0},
+               tmp_path / "tsdtest.pt")
+    fresh = Pipeline.from_checkpoint()
+    assert fresh.load_textual_inversion(tmp_path / "tsdtest.pt") == "tsdtest"
+    images = fresh.txt2img("tsdtest on a blue background", seed=0, steps=STEPS, batch_size=3, output_type="np")
+    got = [judge(im) for im in images]
+    without = [judge(im)[0] for im in pipe.txt2img("tsdtest on a blue background", seed=0, steps=STEPS, batch_size=3,
+                                                      output_type="np")]
+    print(f"\n'tsdtest on a blue background': {got}; foregrounds without the embedding: {without}")
+    assert got == [("red", "blue", "circle")] * 3, f"tsdtest should draw a red circle on blue, drew {got}"
+    assert "red" not in without, f"the test needs the prompt to draw no red without the embedding: {without}"

@@ -10,9 +10,6 @@ from tritonsd import kernels
 from tritonsd.engine.pipeline import Pipeline
 from tiny import TINY, random_state, write_single_file
 
-KERNELS = ("attention", "group_norm", "guided_step", "geglu")
-
-
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     path = tmp_path_factory.mktemp("triton") / "tiny.safetensors"
@@ -23,8 +20,8 @@ def pipe(tmp_path_factory):
 @pytest.fixture
 def launches(monkeypatch):
     """Counts each kernel launcher's calls, so a comparison cannot pass by quietly taking the reference path."""
-    counts = dict.fromkeys(KERNELS, 0)
-    for name in KERNELS:
+    counts = dict.fromkeys(kernels.OPS, 0)
+    for name in kernels.OPS:
         module = __import__(f"tritonsd.kernels.{name}", fromlist=[name])
         launcher = getattr(module, f"{name}_triton")
 

@@ -7,6 +7,10 @@ every test here runs with those allocations filled with NaN, so an element a ker
 """
 
 import importlib
+import inspect
+import os
+import threading
+import typing
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ from tritonsd.kernels import dispatch
 from tritonsd.kernels.attention import attention_triton, plan as attention_plan
 from tritonsd.kernels.geglu import geglu_triton
 from tritonsd.kernels.group_norm import MIN_CHUNK_ELEMENTS, TARGET_PROGRAMS, group_norm_triton, plan
-from tritonsd.kernels.guided_step import guided_step_triton
+from tritonsd.kernels.guided_step import StepCoefficients, guided_step_triton
 from tritonsd.kernels.layer_norm import layer_norm_triton
 
 pytestmark = [
@@ -97,6 +101,19 @@ def test_attention_reads_strided_views(dtype):
     assert_close(out, attention_f64(q, k, v), dtype, f"attention on strided views {dtype}")
 
 
+def test_attention_scores_beyond_float16_range():
+    """SD 2.1 in float16 overflows where attention scores are formed in float16 (diffusers upcasts them for it):
+    the kernel forms them in float32, so scores past 65504 give the float64 result."""
+    q = randn(1, 2, 64, 64) * 100
+    k = 0.9 * q + 30 * randn(1, 2, 64, 64)
+    v = randn(1, 2, 64, 64)
+    q, k, v = (t.half() for t in (q, k, v))
+    scores = (q @ k.transpose(-2, -1)) * 64**-0.5
+    assert torch.isinf(scores).any(), "the test's scores should overflow float16"
+    out = attention_triton(q, k, v)
+    assert_close(out, attention_f64(q, k, v), torch.float16, "attention with scores beyond float16's range")
+
+
 def test_attention_explicit_scale():
     q, k, v = randn(1, 2, 30, 64), randn(1, 2, 45, 64), randn(1, 2, 45, 64)
     out = attention_triton(q, k, v, scale=0.3)
@@ -168,12 +185,18 @@ def group_norm_f64(x, num_groups, weight, bias, eps, silu):
     return y * torch.sigmoid(y) if silu else y
 
 
+def group_norm_tiles(x, num_groups, num_chunks):
+    """The default tiles for x with the spatial range split into num_chunks."""
+    return plan(x.shape[0], x.shape[1], x[0, 0].numel(), num_groups, x.stride(1) == 1, num_chunks)
+
+
 def run_group_norm(shape, num_groups, dtype, channels_last=False, silu=True, offset=0.0, num_chunks=None):
     x = (randn(*shape) * 2 + offset).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     weight, bias = randn(shape[1], dtype=dtype), randn(shape[1], dtype=dtype)
-    y = group_norm_triton(x, num_groups, weight, bias, 1e-5, silu, num_chunks=num_chunks)
+    tiles = None if num_chunks is None else group_norm_tiles(x, num_groups, num_chunks)
+    y = group_norm_triton(x, num_groups, weight, bias, 1e-5, silu, tiles=tiles)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     assert y.is_contiguous(memory_format=memory_format), f"output strides {y.stride()} lost the input's memory format"
     assert y.dtype == dtype
@@ -243,7 +266,8 @@ def test_group_norm_with_shift_matches_float64(shape, groups, per_sample, channe
         x = x.to(memory_format=torch.channels_last)
     weight, bias = randn(shape[1], dtype=dtype), randn(shape[1], dtype=dtype)
     shift = randn(shape[0], shape[1], dtype=dtype) * 3 if per_sample else (randn(shape[1], dtype=dtype) * 3).expand(shape[0], -1)
-    y = group_norm_triton(x, groups, weight, bias, 1e-5, True, shift, num_chunks=3 if shape[0] == 1 else None)
+    tiles = group_norm_tiles(x, groups, num_chunks=3) if shape[0] == 1 else None
+    y = group_norm_triton(x, groups, weight, bias, 1e-5, True, shift, tiles=tiles)
     ref = group_norm_f64(x.double() + shift.double()[:, :, None, None], groups, weight, bias, 1e-5, True)
     assert_close(y, ref, dtype, f"group_norm with shift {shape} G={groups} per_sample={per_sample} {dtype}")
 
@@ -296,14 +320,14 @@ def test_group_norm_rejects_bad_inputs():
     with pytest.raises(ValueError, match=r"shape \(10,\)"):
         group_norm_triton(x, 2, randn(5), w)
     with pytest.raises(ValueError, match="num_chunks"):
-        group_norm_triton(x, 2, w, w, num_chunks=0)
+        group_norm_triton(x, 2, w, w, tiles=group_norm_tiles(x, 2, num_chunks=0))
 
 
 # -------------------------------------------------------------------------------------- guided step
 
 
 def guided_step_f64(model_out, x, coef, guidance_scale, extra, noise):
-    a, b, c, s, d, e = coef.double().tolist()
+    a, b, c, s, d, e = (dict(zip(StepCoefficients._fields, coef.double().tolist()))[k] for k in "abcsde")
     eps = model_out.double()
     if guidance_scale is not None:
         uncond, cond = eps.chunk(2)
@@ -450,7 +474,7 @@ class Routed(Exception):
     pass
 
 
-OPS = {
+CALLS = {
     "attention": lambda: kernels.attention(*(randn(1, 2, 8, 16),) * 3),
     "group_norm": lambda: kernels.group_norm(randn(1, 8, 4, 4), 2, randn(8), randn(8)),
     "guided_step": lambda: kernels.guided_step(randn(2, 4, 4, 4), randn(1, 4, 4, 4), torch.ones(6, device=DEVICE), 7.5),
@@ -459,10 +483,56 @@ OPS = {
 }
 
 
+def test_every_op_module_has_the_same_shape():
+    assert set(CALLS) == set(kernels.OPS), f"dispatch tests cover {sorted(CALLS)}, kernels.OPS lists {kernels.OPS}"
+    for op in kernels.OPS:
+        module = importlib.import_module(f"tritonsd.kernels.{op}")
+        plan_type = "".join(part.capitalize() for part in op.split("_")) + "Plan"
+        names = (op, f"{op}_ref", f"{op}_triton", "plan", plan_type, "_check_inputs")
+        missing = [name for name in names if not hasattr(module, name)]
+        assert not missing, f"tritonsd/kernels/{op}.py lacks {missing}"
+        returned = typing.get_type_hints(module.plan)["return"]
+        assert returned is getattr(module, plan_type), f"{op}.plan returns {returned}, not {plan_type}"
+        tiles = inspect.signature(getattr(module, f"{op}_triton")).parameters.get("tiles")
+        assert tiles is not None and tiles.kind is tiles.KEYWORD_ONLY and tiles.default is None, (
+            f"{op}_triton has no keyword-only tiles=None override: {tiles}")
+        exported = [name for name in (op, f"{op}_ref") if getattr(kernels, name, None) is not getattr(module, name)]
+        assert not exported, f"tritonsd.kernels does not export {exported} from {op}.py"
+
+
+@pytest.mark.parametrize("op", [op for op in CALLS if op != "group_norm"])  # group_norm's split tests override tiles
+def test_launchers_take_a_tiles_override(op):
+    """Tiles smaller than the default leave tails in every direction; the result must not change."""
+    if op == "attention":
+        from tritonsd.kernels.attention import AttentionPlan
+
+        q, k, v = randn(1, 2, 20, 40), randn(1, 2, 30, 40), randn(1, 2, 30, 40)
+        out = attention_triton(q, k, v, tiles=AttentionPlan(64, 0, 16, 16, 4, 1))  # one padded head-dim tile
+        assert_close(out, attention_f64(q, k, v), torch.float32, "attention with 16x16 tiles")
+    elif op == "geglu":
+        from tritonsd.kernels.geglu import GegluPlan
+
+        x = randn(3, 2 * 10)
+        assert_close(geglu_triton(x, tiles=GegluPlan(4, 1)), geglu_f64(x), torch.float32, "geglu in blocks of 4")
+    elif op == "layer_norm":
+        from tritonsd.kernels.layer_norm import LayerNormPlan
+
+        x, w, b = randn(5, 12), randn(12), randn(12)
+        out = layer_norm_triton(x, w, b, tiles=LayerNormPlan(2, 16, 1))
+        assert_close(out, layer_norm_f64(x, w, b), torch.float32, "layer_norm two rows per program")
+    else:
+        from tritonsd.kernels.guided_step import GuidedStepPlan
+
+        mo, x = randn(2, 5, 10), randn(1, 5, 10)
+        coef = torch.rand(6, device=DEVICE) + 0.5
+        out, _ = guided_step_triton(mo, x, coef, 2.0, tiles=GuidedStepPlan(16, 1))
+        assert_close(out, guided_step_f64(mo, x, coef, 2.0, None, None)[0], torch.float32, "guided_step in blocks of 16")
+
+
 @pytest.fixture
 def launchers_raise(monkeypatch):
     """Replace every launcher by one that raises Routed, so a call tells which path it took."""
-    for op in OPS:
+    for op in CALLS:
         module = importlib.import_module(f"tritonsd.kernels.{op}")
 
         def launcher(*args, _op=op, **kwargs):
@@ -471,28 +541,28 @@ def launchers_raise(monkeypatch):
         monkeypatch.setattr(module, f"{op}_triton", launcher)
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", CALLS)
 def test_backend_routes_ops(op, launchers_raise):
     with kernels.backend("torch"):
-        OPS[op]()
+        CALLS[op]()
     with kernels.backend("triton"), pytest.raises(Routed):
-        OPS[op]()
+        CALLS[op]()
 
 
 def test_backend_restores_previous_mode(launchers_raise):
     with kernels.backend("torch"):
         with kernels.backend("triton"):
             with pytest.raises(Routed):
-                OPS["group_norm"]()
-        OPS["group_norm"]()
+                CALLS["group_norm"]()
+        CALLS["group_norm"]()
 
 
 def test_mode_comes_from_environment(monkeypatch, launchers_raise):
     monkeypatch.setenv("TRITONSD_KERNELS", "torch")
-    OPS["attention"]()
+    CALLS["attention"]()
     monkeypatch.setenv("TRITONSD_KERNELS", "triton")
     with pytest.raises(Routed):
-        OPS["attention"]()
+        CALLS["attention"]()
 
 
 def test_bad_mode_is_rejected(monkeypatch):
@@ -509,8 +579,32 @@ def test_auto_mode_without_cuda_or_interpreter(monkeypatch):
     cpu = torch.ones(2)
     with kernels.backend("auto"):
         assert not kernels.use_triton(cpu)
-    with kernels.backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+    with kernels.backend("triton"), pytest.raises(ValueError, match="TRITON_INTERPRET"):
         kernels.use_triton(cpu)
+
+
+def test_backend_override_stays_in_its_own_thread():
+    """Two threads inside `backend` blocks at the same moment, one "torch" and one "triton": each sees its own mode,
+    and the main thread, outside any block, sees neither."""
+    both_inside, checked = threading.Barrier(3), threading.Barrier(3)
+    seen = {}
+
+    def run(mode):
+        with kernels.backend(mode):
+            both_inside.wait(timeout=10)
+            seen[mode] = (kernels.current_mode(), kernels.use_triton(randn(2)))
+            checked.wait(timeout=10)
+
+    threads = [threading.Thread(target=run, args=(mode,)) for mode in ("torch", "triton")]
+    for t in threads:
+        t.start()
+    both_inside.wait(timeout=10)
+    main = kernels.current_mode()
+    checked.wait(timeout=10)
+    for t in threads:
+        t.join()
+    assert seen == {"torch": ("torch", False), "triton": ("triton", True)}, f"(mode, takes Triton) per thread: {seen}"
+    assert main == os.environ.get("TRITONSD_KERNELS", "auto"), f"the main thread saw mode {main!r} from another thread"
 
 
 def test_auto_mode_takes_triton_in_the_interpreter_or_on_cuda():
@@ -526,7 +620,7 @@ def test_wide_heads_take_the_reference(launchers_raise):
     assert_close(out, attention_f64(q, k, v), torch.float32, "attention with D = 512")
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", CALLS)
 def test_references_match_float64(op):
     with kernels.backend("torch"):
         if op == "attention":

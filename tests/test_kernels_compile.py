@@ -1,7 +1,7 @@
-"""Every kernel, in the variants the engine launches at SD1.5's shapes, compiles for Hopper (sm_90) with the installed
-Triton, without a GPU. The interpreter runs kernels as Python and accepts code the compiler refuses (a module-level
-float read inside a kernel, a tl.dot tile under 16); this is the check that the compiler accepts them too. The
-compilation runs in a child process without TRITON_INTERPRET (see kernel_compile.py)."""
+"""Every kernel, in the variants the engine launches at SD 1.5's and SD 2.x's shapes, compiles for Hopper (sm_90) with
+the installed Triton, without a GPU. The interpreter runs kernels as Python and accepts code the compiler refuses (a
+module-level float read inside a kernel, a tl.dot tile under 16); this is the check that the compiler accepts them too.
+The compilation runs in a child process without TRITON_INTERPRET (see kernel_compile.py)."""
 
 import json
 import os

@@ -16,6 +16,7 @@ from tritonsd.kernels.geglu import geglu_triton
 from tritonsd.kernels.group_norm import group_norm_triton
 from tritonsd.kernels.guided_step import guided_step_triton
 from tritonsd.kernels.layer_norm import layer_norm_triton
+from tools.sd15_shapes import GROUP_NORM_STRESS, SD15
 
 pytestmark = [
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -54,18 +55,10 @@ def attention_f64(q, k, v, causal=False):
     return scores.softmax(-1) @ v
 
 
-ATTENTION_SHAPES = [
-    # (B, H, Lq, Lk, D, causal): SD1.5 UNet self- and cross-attention at 512x512, SD2 and CLIP
-    (2, 8, 4096, 4096, 40, False),
-    (2, 8, 1024, 1024, 80, False),
-    (2, 8, 256, 256, 160, False),
-    (2, 8, 64, 64, 160, False),
-    (2, 8, 4096, 77, 40, False),
-    (2, 8, 1024, 77, 80, False),
-    (2, 8, 256, 77, 160, False),
-    (2, 8, 64, 77, 160, False),
+ATTENTION_SHAPES = [(*shape, False) for shape in SD15.attention] + [
+    # (B, H, Lq, Lk, D, causal): SD 1.5's UNet above; SD 2's head dim, the text encoder, awkward sizes
     (2, 5, 4096, 4096, 64, False),
-    (2, 12, 77, 77, 64, True),
+    (*SD15.text_attention, True),
     (1, 3, 333, 129, 33, True),  # awkward: odd lengths, odd head dim, causal with Lq > Lk
     (2, 4, 100, 77, 20, False),
     (1, 2, 1, 1, 64, False),
@@ -84,8 +77,27 @@ def test_attention(shape, dtype):
     assert_close(out, attention_f64(q, k, v, causal), torch_out, dtype, f"attention {shape} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_attention_scores_beyond_float16_range_at_sd21_768(dtype):
+    """SD 2.1's first-level self-attention at 768x768 (9216 tokens, 5 heads of 64) with scores past float16's
+    65504, where diffusers has to upcast: the kernel's float32 scores and softmax give the float64 result."""
+    q = randn(2, 9216, 5, 64).transpose(1, 2) * 100
+    k = 0.9 * q + 30 * randn(2, 9216, 5, 64).transpose(1, 2)
+    v = randn(2, 9216, 5, 64).transpose(1, 2)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if dtype == torch.float16:
+        assert torch.isinf(q[:, :, :256] @ k[:, :, :256].transpose(-2, -1)).any(), "scores should overflow float16"
+    out = attention_triton(q, k, v)
+    ref = attention_f64(q, k, v)
+    bad = (~torch.isfinite(out)).sum().item()
+    assert bad == 0, f"{bad} of {out.numel()} outputs not finite"
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    assert rel_err(out, ref) <= tol, f"relative error {rel_err(out, ref):.2e} > {tol:.0e}"
+
+
 def test_vae_attention_takes_sdpa_in_half_precision():
-    q, k, v = (randn(1, 4096, 1, 512, dtype=torch.float16).transpose(1, 2) for _ in range(3))
+    b, h, lq, _, d = SD15.vae_attention
+    q, k, v = (randn(b, lq, h, d, dtype=torch.float16).transpose(1, 2) for _ in range(3))
     with kernels.backend("auto"):
         out = kernels.attention(q, k, v)
     torch_out = F.scaled_dot_product_attention(q, k, v)
@@ -103,14 +115,9 @@ def group_norm_f64(x, num_groups, weight, bias, eps=1e-5):
     return y * torch.sigmoid(y)
 
 
-GROUP_NORM_SHAPES = [
-    # UNet (32 groups of 10 / 20 / 40 channels, and the skip-concatenations' 30 / 60 / 80)
-    (2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8),
-    (2, 960, 32, 32), (2, 1920, 16, 16), (2, 2560, 8, 8),
-    # VAE decoder at 512x512 (32 groups of 16 / 8 / 4 channels, about a million elements each)
-    (1, 512, 64, 64), (1, 512, 128, 128), (1, 512, 256, 256), (1, 256, 512, 512), (1, 128, 512, 512),
-    (1, 512, 512, 512),
-]
+# The UNet's levels (32 groups of 10 / 20 / 40 channels), its skip-concatenations' 30 / 60 / 80, the VAE decoder's
+# groups of about a million elements at 512x512, and a larger one.
+GROUP_NORM_SHAPES = SD15.unet_group_norm + SD15.unet_skip_group_norm + SD15.vae_group_norm + [GROUP_NORM_STRESS]
 
 
 def check_group_norm(shape, dtype, channels_last):
@@ -133,7 +140,8 @@ def test_group_norm_silu(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 1280, 8, 8), (2, 1920, 16, 16), (1, 512, 128, 128)], ids=str)
+@pytest.mark.parametrize("shape", [SD15.unet_group_norm[0], SD15.unet_group_norm[-1], SD15.unet_skip_group_norm[1],
+                                   SD15.vae_group_norm[1]], ids=str)
 def test_group_norm_silu_channels_last(shape, dtype):
     check_group_norm(shape, dtype, channels_last=True)
 
@@ -142,7 +150,7 @@ def test_group_norm_silu_channels_last(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 4096, 2 * 1280), (2, 1024, 2 * 2560), (2, 256, 2 * 5120), (2, 64, 2 * 5120)], ids=str)
+@pytest.mark.parametrize("shape", SD15.geglu, ids=str)
 def test_geglu(shape, dtype):
     x = randn(*shape, dtype=dtype) * 3
     h, gate = x.double().chunk(2, dim=-1)
@@ -155,7 +163,7 @@ def test_geglu(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 4096, 320), (2, 1024, 640), (2, 256, 1280), (2, 64, 1280), (2, 77, 768)], ids=str)
+@pytest.mark.parametrize("shape", [*SD15.layer_norm, SD15.text_layer_norm], ids=str)
 def test_layer_norm_after_residual_add(shape, dtype):
     x, r = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
     weight, bias = (1 + 0.1 * randn(shape[-1])).to(dtype), (0.1 * randn(shape[-1])).to(dtype)
@@ -181,8 +189,8 @@ def eager_step(model_out, x, coef, guidance_scale, extra, noise):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_guided_step(dtype):
-    x, extra, noise = (randn(1, 4, 64, 64, dtype=dtype) for _ in range(3))
-    model_out = randn(2, 4, 64, 64, dtype=torch.float16)
+    x, extra, noise = (randn(*SD15.step, dtype=dtype) for _ in range(3))
+    model_out = randn(2 * SD15.step[0], *SD15.step[1:], dtype=torch.float16)
     coef = torch.rand(6, device="cuda") + 0.5
     x_next, extra_next = guided_step_triton(model_out, x, coef, 7.5, extra, noise)
     ref = [t.double() for t in (model_out, x, extra, noise)]
@@ -196,7 +204,7 @@ def test_guided_step(dtype):
 
 def test_guided_step_replays_in_a_cuda_graph():
     # The coefficients are read on the device, so a captured step picks up new values on replay.
-    x, model_out = randn(1, 4, 64, 64), randn(2, 4, 64, 64, dtype=torch.float16)
+    x, model_out = randn(*SD15.step), randn(2 * SD15.step[0], *SD15.step[1:], dtype=torch.float16)
     coef = torch.ones(6, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

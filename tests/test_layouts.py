@@ -1,6 +1,7 @@
 """The checkpoints people actually have beside the plain single file: a separate VAE, the original CompVis
 training checkpoints (PyTorch Lightning and numpy objects pickled beside the weights) and their YAML configs."""
 
+import dataclasses
 import os
 import pickle
 import sys
@@ -12,6 +13,7 @@ import safetensors.torch
 import torch
 
 from tritonsd import CheckpointError, ModelConfig, Pipeline, loader
+from tritonsd.engine.config import SD2, SD2_V
 from tritonsd.loader.compvis import config_from_compvis, parse_yaml
 from tiny import TINY, original_checkpoint, random_state, write_diffusers_folder, write_single_file
 
@@ -305,9 +307,20 @@ def test_v1_inference_yaml_is_sd15():
     assert config_from_compvis(parse_yaml(V1_INFERENCE)) == ModelConfig()
 
 
+@pytest.mark.parametrize("text, want", [(V2_INFERENCE, SD2), (V2_INFERENCE_V, SD2_V)], ids=["v2", "v2-v"])
+def test_v2_inference_yamls_are_sd2(text, want):
+    """The YAML names what the shapes cannot tell: heads 64 wide, Linear projections, the OpenCLIP tower (GELU, "!"
+    padding), the parameterization and the 768 model's image size. The base gives only the text tower's sizes, with
+    SD 1.x's everything else, so each SD 2.x value must come from the YAML."""
+    sd1 = ModelConfig()
+    base = dataclasses.replace(sd1, unet=dataclasses.replace(sd1.unet, context_dim=1024),
+                               text=dataclasses.replace(SD2.text, hidden_act=sd1.text.hidden_act, pad_token=sd1.text.pad_token))
+    assert config_from_compvis(parse_yaml(text), base) == want
+
+
 @pytest.mark.parametrize("text, message", [
-    (V2_INFERENCE, "num_head_channels: 64 is not supported"),
-    (V2_INFERENCE_V, "v-prediction"),
+    (V2_INFERENCE_V.replace('parameterization: "v"', 'parameterization: "x0"'), "parameterization 'x0'"),
+    (V2_INFERENCE.replace('layer: "penultimate"', 'layer: "last"'), "layer 'last'"),
     (SDXL_BASE, "SDXL"),
     (V1_INFERENCE.replace("attn_resolutions: []", "attn_resolutions: [16]"), r"attn_resolutions: \[16\] is not supported"),
     (V1_INFERENCE.replace("legacy: False", "legacy: False\n        use_scale_shift_norm: True"), "use_scale_shift_norm"),

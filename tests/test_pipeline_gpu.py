@@ -117,3 +117,32 @@ def test_lora_switches_under_captured_graphs_without_recapture(reference, gpu, t
     with kernels.backend("auto"):
         after = gpu.txt2img("a red circle", output_type="np", **args)
     assert np.array_equal(before, after), "the image after unloading differs from the one before loading"
+
+
+def test_long_weighted_prompts_and_their_graphs(reference, gpu):
+    """A 2-chunk prompt adds one step graph (its context is twice as long) and reuses the text-encoder graph, which
+    encodes one chunk position at a time."""
+    def captured(kind: str) -> list:
+        return [signature for (name, signature) in gpu._graphs.graphs if name[0] == kind]
+
+    args = dict(steps=6, sampler="euler", seed=4)
+    compare(reference, gpu, "txt2img", "a red circle on a blue background", **args)
+    steps, texts = captured("step"), captured("text")
+    long = "a (red:1.3) circle, " + ", ".join(["on a blue background"] * 20) + " BREAK [blurry]"
+    compare(reference, gpu, "txt2img", long, negative_prompt="(green:0.8)", **args)
+    assert len(captured("step")) == len(steps) + 1, "a 2-chunk prompt should add exactly one step graph"
+    assert captured("text") == texts, "the text-encoder graph was captured again for a longer prompt"
+
+
+def test_textual_inversion_loaded_after_capture_is_read(reference, gpu, tmp_path):
+    """Loading an embedding replaces the vector table that a captured text-encoder graph read; the next call must
+    read the new one."""
+    compare(reference, gpu, "txt2img", "tsdtest on a blue background", steps=4, seed=2)  # captures the text graph
+    hidden = reference.config.text.hidden_size
+    for n in (2, 3):
+        path = tmp_path / f"v{n}" / "tsdtest.pt"
+        path.parent.mkdir()
+        torch.save({"string_to_param": {"*": torch.randn(n, hidden)}}, path)
+        reference.load_textual_inversion(path)
+        gpu.load_textual_inversion(path)
+        compare(reference, gpu, "txt2img", "tsdtest on a blue background", steps=4, seed=2)

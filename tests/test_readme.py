@@ -51,3 +51,12 @@ def test_lora_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(block("lora"), "README.md", "exec"), {})
     assert (tmp_path / "noise.safetensors").is_file()
+
+
+@needs_demo
+def test_prompts_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block("prompts"), "README.md", "exec"), scope)
+    assert (tmp_path / "redcircle.png").is_file() and scope["name"] == "redcircle"
+    assert tuple(scope["context"].shape[:2]) == (2, 154), scope["context"].shape

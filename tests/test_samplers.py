@@ -1,4 +1,5 @@
-"""Sampler plans against diffusers' schedulers, run the way diffusers' SD pipelines run them."""
+"""Sampler plans against diffusers' schedulers, run the way diffusers' SD pipelines run them, for noise-predicting
+(SD 1.x, SD 2.x 512) and v-predicting (SD 2.x 768) models."""
 
 import math
 from types import SimpleNamespace
@@ -14,7 +15,8 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
 )
 
-from tritonsd.engine.samplers import SAMPLERS, make_plan
+from tritonsd.engine.samplers import C_IN, COEFFICIENTS, SAMPLERS, TIMESTEP, a1111_fields, from_a1111, make_plan
+from tritonsd.kernels.guided_step import StepCoefficients
 
 # diffusers' schedulers call np.array on tensors, which numpy 2 flags; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -41,6 +43,9 @@ DIFFUSERS_SCHEDULERS = {
 }
 
 STEPS = (1, 2, 5, 10, 20, 30, 50)
+# A v-prediction plan is an epsilon plan with its rows re-expressed step by step; fewer step counts cover it.
+V_STEPS = (1, 2, 5, 30)
+PREDICTIONS = [("epsilon", steps) for steps in STEPS] + [("v_prediction", steps) for steps in V_STEPS]
 # (workflow, strength): txt2img is strength 1; img2img at 1 still noises the image to the first timestep.
 RUNS = (("txt2img", 1.0), ("img2img", 1.0), ("img2img", 0.8), ("img2img", 0.3))
 GUIDANCE = (None, 7.5)
@@ -52,9 +57,9 @@ TOL = 5e-6
 C_IN_TOL = 5e-7
 
 
-def diffusers_scheduler(sampler):
+def diffusers_scheduler(sampler, prediction_type="epsilon"):
     cls, extra = DIFFUSERS_SCHEDULERS[sampler]
-    return cls.from_config({**SD15_SCHEDULER_CONFIG, **extra})
+    return cls.from_config({**SD15_SCHEDULER_CONFIG, **extra, "prediction_type": prediction_type})
 
 
 def fake_unet(x, t, phase):
@@ -78,9 +83,9 @@ def start_latents(workflow, generator, init_scale, add_noise):
     return add_noise(x0, noise)
 
 
-def run_diffusers(sampler, steps, workflow, strength, guidance):
+def run_diffusers(sampler, steps, workflow, strength, guidance, prediction_type):
     """The denoising loop of diffusers' StableDiffusion(Img2Img)Pipeline, with its own helpers."""
-    scheduler = diffusers_scheduler(sampler)
+    scheduler = diffusers_scheduler(sampler, prediction_type)
     pipe = SimpleNamespace(scheduler=scheduler)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
@@ -110,7 +115,7 @@ def run_diffusers(sampler, steps, workflow, strength, guidance):
 
 def guided_step(model_out, x, coef, guidance_scale=None, extra=None, noise=None):
     """The fused step's formula in float64."""
-    a, b, c, s, d, e = coef.tolist()
+    a, b, c, s, d, e = (dict(zip(StepCoefficients._fields, coef.tolist()))[k] for k in "abcsde")
     if guidance_scale is None:
         eps = model_out
     else:
@@ -125,30 +130,31 @@ def guided_step(model_out, x, coef, guidance_scale=None, extra=None, noise=None)
 
 
 def run_plan(plan, workflow, guidance):
-    """The engine's loop: one fused step per UNet call, the plan's coefficients and noise draws."""
+    """The engine's loop: one fused step per UNet call, reading the schedule's rows, and the plan's noise draws."""
     generator = torch.Generator().manual_seed(SEED)
     p, q = plan.add_noise
     x = start_latents(workflow, generator, plan.init_scale, lambda x0, noise: p * x0 + q * noise)
     extra = torch.zeros_like(x) if plan.uses_extra else None
-    for i, t in enumerate(plan.timesteps.tolist()):
-        x_in = x * plan.c_in[i].item()
-        out = model_output(torch.cat([x_in] * 2) if guidance is not None else x_in, t, guidance)
+    for i, row in enumerate(plan.schedule()):
+        x_in = x * row[C_IN].item()
+        out = model_output(torch.cat([x_in] * 2) if guidance is not None else x_in, row[TIMESTEP].item(), guidance)
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float64) if plan.noise_steps[i] else None
-        x, extra = guided_step(out, x, plan.coef[i], guidance, extra, noise)
+        x, extra = guided_step(out, x, row[COEFFICIENTS], guidance, extra, noise)
     return x, generator
 
 
 @pytest.mark.parametrize("guidance", GUIDANCE, ids=lambda g: f"cfg{g}")
 @pytest.mark.parametrize("workflow,strength", RUNS, ids=[f"{w}-{s}" for w, s in RUNS])
-@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("prediction_type,steps", PREDICTIONS, ids=[f"{p}-{n}" for p, n in PREDICTIONS])
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_matches_diffusers(sampler, steps, workflow, strength, guidance):
-    ref, ref_timesteps, ref_c_in, ref_generator = run_diffusers(sampler, steps, workflow, strength, guidance)
+def test_matches_diffusers(sampler, prediction_type, steps, workflow, strength, guidance):
+    ref, ref_timesteps, ref_c_in, ref_generator = run_diffusers(sampler, steps, workflow, strength, guidance,
+                                                                prediction_type)
     if not ref_timesteps:
         with pytest.raises(ValueError, match="leaves no denoising step"):
-            make_plan(sampler, steps, strength)
+            make_plan(sampler, steps, strength, prediction_type)
         return
-    plan = make_plan(sampler, steps, strength)
+    plan = make_plan(sampler, steps, strength, prediction_type)
     assert plan.timesteps.tolist() == ref_timesteps, f"timesteps {plan.timesteps.tolist()} != {ref_timesteps}"
     c_in_err = max(abs(a - b) / b for a, b in zip(plan.c_in.tolist(), ref_c_in))
     assert c_in_err <= C_IN_TOL, f"c_in rel err {c_in_err:.2e} > {C_IN_TOL:.0e}"
@@ -157,19 +163,24 @@ def test_matches_diffusers(sampler, steps, workflow, strength, guidance):
         f"random draws differ from diffusers': {sum(plan.noise_steps)} noise steps in the plan"
     )
     err = ((out - ref).abs().max() / ref.abs().max()).item()
-    assert err <= TOL, f"final latents max rel err {err:.2e} > {TOL:.0e} ({sampler}, {steps} steps, {workflow})"
+    assert err <= TOL, (
+        f"final latents max rel err {err:.2e} > {TOL:.0e} ({sampler}, {prediction_type}, {steps} steps, {workflow})"
+    )
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_plan_is_finite_and_well_formed(sampler):
+def test_plan_is_finite_and_well_formed(sampler, prediction_type):
     for steps in (*range(1, 61), 75, 100, 150, 250, 500, 999):
         for strength in (1.0, 0.75, 0.5, 0.1):
             if int(steps * strength) == 0:
                 continue
-            plan = make_plan(sampler, steps, strength)
+            plan = make_plan(sampler, steps, strength, prediction_type)
             n = int(steps * strength)
-            assert plan.coef.shape == (n, 6) and plan.coef.dtype == torch.float64, f"coef {plan.coef.shape}"
+            assert plan.coef.shape == (n, len(StepCoefficients._fields)) and plan.coef.dtype == torch.float64, (
+                f"coef {plan.coef.shape}")
             assert plan.timesteps.shape == (n,) and plan.c_in.shape == (n,) and len(plan.noise_steps) == n
+            assert plan.alpha_cumprod.shape == (n,) and ((0 < plan.alpha_cumprod) & (plan.alpha_cumprod < 1)).all()
             for name, value in (("coef", plan.coef), ("c_in", plan.c_in), ("timesteps", plan.timesteps)):
                 assert torch.isfinite(value).all(), f"{name} not finite for {steps} steps at strength {strength}"
             assert all(map(math.isfinite, (plan.init_scale, *plan.add_noise))), "init_scale/add_noise not finite"
@@ -187,8 +198,34 @@ def test_plan_is_finite_and_well_formed(sampler):
         (("ddim", 20, 1.5), r"strength must be in \(0, 1\], got 1.5"),
         (("ddim", 20, float("nan")), r"strength must be in \(0, 1\], got nan"),
         (("dpmpp_2m", 20, 0.04), "strength 0.04 with 20 steps leaves no denoising step"),
+        (("euler", 20, 1.0, "v"), "unknown prediction_type 'v'; valid: epsilon, v_prediction"),
+        (("euler", 20, 1.0, "sample"), "unknown prediction_type 'sample'"),
     ],
 )
 def test_bad_input(args, message):
     with pytest.raises(ValueError, match=message):
         make_plan(*args)
+
+
+def test_every_sampler_writes_an_a1111_name_that_reads_back():
+    for sampler in SAMPLERS:
+        fields = a1111_fields(sampler)
+        back = from_a1111(fields["Sampler"], fields.get("Schedule type"))
+        assert back == sampler, f"{sampler} is written as {fields}, which reads back as {back}"
+
+
+@pytest.mark.parametrize("name, schedule, sampler", [
+    ("Euler a", None, "euler_a"),
+    ("Euler", "Automatic", "euler"),  # web UI 1.9+: the sampler's default schedule, evenly spaced for Euler
+    ("DDIM", "Uniform", "ddim"),
+    ("DPM++ 2M Karras", None, "dpmpp_2m_karras"),  # before 1.9, the schedule was part of the name
+    ("DPM++ 2M", "Karras", "dpmpp_2m_karras"),
+    ("DPM++ 2M", "Automatic", "dpmpp_2m_karras"),  # 1.9+ runs an "Automatic" DPM++ 2M on Karras sigmas
+    ("DPM++ 2M", None, "dpmpp_2m"),  # a bare name from before 1.9
+    ("DPM++ 2M", "Uniform", "dpmpp_2m"),
+    ("Euler", "Karras", None),
+    ("DPM++ 2M", "Exponential", None),
+    ("Heun", None, None),
+])
+def test_a1111_sampler_names_from_every_web_ui_version(name, schedule, sampler):
+    assert from_a1111(name, schedule) == sampler, f"Sampler {name!r}, Schedule type {schedule!r}"

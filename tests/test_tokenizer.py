@@ -1,4 +1,5 @@
-"""CLIPTokenizer against OpenAI's CLIP tokenizer and transformers' CLIPTokenizer."""
+"""CLIPTokenizer against OpenAI's CLIP tokenizer and transformers' CLIPTokenizer, padding as SD 1.x does (with the
+end token) and as SD 2.x's OpenCLIP does (with id 0)."""
 
 import importlib.util
 import json
@@ -130,9 +131,11 @@ def hf_clip(folder):
     return transformers.CLIPTokenizer.from_pretrained(str(folder))
 
 
-def _openai_rows(ref, prompts: list[str]) -> torch.Tensor:
+def _openai_rows(ref, prompts: list[str], pad: int | None = None) -> torch.Tensor:
+    """OpenAI's rows (clip.tokenize with the end token as padding, as SD 1.x pads); pad=0 gives OpenCLIP's
+    open_clip.tokenize, which writes the same ids into a row of zeros."""
     sot, eot = ref.encoder["<|startoftext|>"], ref.encoder["<|endoftext|>"]
-    rows = torch.full((len(prompts), MAX_LEN), eot, dtype=torch.long)
+    rows = torch.full((len(prompts), MAX_LEN), eot if pad is None else pad, dtype=torch.long)
     for i, prompt in enumerate(prompts):
         ids = [sot, *ref.encode(prompt)[: MAX_LEN - 2], eot]
         rows[i, : len(ids)] = torch.tensor(ids)
@@ -186,6 +189,36 @@ def test_batch_matches_transformers(hf_clip, folder, source):
     tok = CLIPTokenizer.default() if source == "default" else CLIPTokenizer.from_folder(folder)
     ref = hf_clip(COMMON_PROMPTS, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt")
     _assert_rows_equal(tok(COMMON_PROMPTS), ref["input_ids"].long(), COMMON_PROMPTS, "transformers")
+
+
+def test_sd2_padding_is_open_clips(openai_clip):
+    tok = CLIPTokenizer.default().with_pad_token("!")
+    assert tok.pad_id == 0 == openai_clip.encoder["!"], f"'!' pads with id {tok.pad_id}; OpenCLIP pads with 0"
+    _assert_rows_equal(tok(COMMON_PROMPTS), _openai_rows(openai_clip, COMMON_PROMPTS, pad=0), COMMON_PROMPTS, "open_clip")
+
+
+def test_sd2_padding_matches_transformers_with_diffusers_sd2_tokenizer(folder):
+    """diffusers' SD 2.x tokenizer is transformers' CLIPTokenizer with pad_token "!". That makes "!" a special token,
+    which transformers splits out of the prompt text as id 0, where OpenCLIP (the tokenizer SD 2.x was trained with,
+    test above) reads it as text ("dog!" -> "dog", "!</w>" = 256): the two agree on prompts without "!"."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.CLIPTokenizer.from_pretrained(str(folder), pad_token="!")
+    prompts = [p for p in COMMON_PROMPTS if "!" not in p]
+    assert len(prompts) > 250, f"only {len(prompts)} prompts without '!'"
+    ref = hf(prompts, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt")
+    tok = CLIPTokenizer.from_folder(folder).with_pad_token("!")
+    _assert_rows_equal(tok(prompts), ref["input_ids"].long(), prompts, "transformers")
+    assert hf("dog!").input_ids[-2] == 0 and tok.encode("dog!")[-1] == 256, "transformers' '!' quirk changed"
+
+
+def test_with_pad_token_shares_everything_else():
+    default = CLIPTokenizer.default()
+    assert default.with_pad_token("<|endoftext|>") is default, "padding that does not change should not copy"
+    sd2 = default.with_pad_token("!")
+    assert (default.pad_id, sd2.pad_id) == (49407, 0), "with_pad_token changed the original's padding"
+    assert sd2.vocab is default.vocab and sd2.ranks is default.ranks
+    with pytest.raises(ValueError, match="pad token '<pad>' is not in the tokenizer's vocabulary"):
+        default.with_pad_token("<pad>")
 
 
 @pytest.mark.parametrize("header", [True, False], ids=["version-header", "no-header"])

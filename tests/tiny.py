@@ -1,9 +1,12 @@
-"""Tiny Stable Diffusion models for tests: a config that exercises every structure of the SD1.x graph, random weights,
-and those weights written the ways people have them: an original single file (.safetensors or .ckpt) and a diffusers
-folder produced by diffusers' and transformers' own conversion and save code."""
+"""Tiny Stable Diffusion models for tests: configs that exercise every structure of the SD 1.x and SD 2.x graphs,
+random weights, and those weights written the ways people have them: an original single file (.safetensors or .ckpt,
+SD 2.x's text tower in OpenCLIP's layout) and a diffusers folder produced by diffusers' and transformers' own
+conversion and save code."""
 
+import dataclasses
 import gzip
 import json
+import os
 from pathlib import Path
 
 import safetensors.torch
@@ -11,6 +14,7 @@ import torch
 
 from tritonsd.engine.config import ModelConfig
 from tritonsd.engine.model import StableDiffusion
+from tritonsd.loader.convert import OPEN_CLIP_PREFIX, to_original
 
 # Two levels so there are down/upsamplers; attention at both; a channel change so ResBlocks have skip convolutions;
 # norm_groups 8 and heads 2 so nothing silently relies on the SD1.x values; the real CLIP vocabulary so the real
@@ -23,7 +27,15 @@ TINY = ModelConfig.from_dict({
                  max_position_embeddings=77),
 })
 
-ORIGINAL_PREFIXES = {"unet.": "model.diffusion_model.", "vae.": "first_stage_model."}
+# SD 2.x's structure at the same sizes: heads of a fixed width (16: 2 heads at 32 channels, 4 at 64), Linear
+# transformer projections, a GELU text tower padding with "!". Its original files hold one more text block than the
+# model runs, as SD 2.x's hold 24 of which 23 run.
+TINY_SD2 = ModelConfig.from_dict({
+    **TINY.to_dict(),
+    "unet": {**TINY.to_dict()["unet"], "num_heads": -1, "num_head_channels": 16, "use_linear_in_transformer": True},
+    "text": {**TINY.to_dict()["text"], "hidden_act": "gelu", "pad_token": "!"},
+})
+TINY_SD2_V = dataclasses.replace(TINY_SD2, prediction_type="v_prediction")
 SCHEDULE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
@@ -47,15 +59,47 @@ def random_state(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def original_checkpoint(state: dict, text_prefix: bool = True, extras: bool = True) -> dict[str, torch.Tensor]:
-    """Engine names -> an original CompVis checkpoint's names; extras adds what real files carry beside the weights:
-    EMA copies (flattened names), the noise schedule, and CLIP's position_ids."""
-    text = "cond_stage_model.transformer.text_model." if text_prefix else "cond_stage_model.transformer."
-    prefixes = {**ORIGINAL_PREFIXES, "text_encoder.": text}
-    ckpt = {}
-    for name, t in state.items():
-        part, rest = name.split(".", 1)
-        ckpt[prefixes[part + "."] + rest] = t
+def open_clip_text_tower(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF CLIPTextModel names (without text_model.) -> OpenCLIP's, as SD 2.x's original files store the tower: one
+    attention input projection per block with q, k and v stacked (in_proj_weight, in_proj_bias), ln_1/ln_2,
+    mlp.c_fc/c_proj, positional_embedding, token_embedding, ln_final, and what SD 2.x never uses: a last block (the
+    one before it, rolled and scaled, so a loader that ran it would differ), the pooled-feature text_projection and
+    the logit_scale."""
+    blocks = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
+              "mlp.fc2": "mlp.c_proj"}
+    out = {
+        "token_embedding.weight": text["embeddings.token_embedding.weight"],
+        "positional_embedding": text["embeddings.position_embedding.weight"],
+        "ln_final.weight": text["final_layer_norm.weight"],
+        "ln_final.bias": text["final_layer_norm.bias"],
+    }
+    layers = sorted({int(k.split(".")[2]) for k in text if k.startswith("encoder.layers.")})
+    for i in layers:
+        layer = f"encoder.layers.{i}."
+        for param in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{param}"] = torch.cat(
+                [text[f"{layer}self_attn.{p}_proj.{param}"] for p in "qkv"])
+            for ours, theirs in blocks.items():
+                out[f"transformer.resblocks.{i}.{theirs}.{param}"] = text[f"{layer}{ours}.{param}"]
+    last = len(layers)
+    for k in [k for k in out if k.startswith(f"transformer.resblocks.{last - 1}.")]:
+        out[k.replace(f"resblocks.{last - 1}.", f"resblocks.{last}.")] = 1.5 * out[k].roll(1, 0)
+    ln = text["final_layer_norm.weight"]
+    out["text_projection"] = torch.eye(ln.shape[0], dtype=ln.dtype, device=ln.device)
+    out["logit_scale"] = torch.tensor(4.6052, dtype=ln.dtype, device=ln.device)
+    return out
+
+
+def original_checkpoint(state: dict, text_prefix: bool = True, extras: bool = True,
+                         open_clip: bool = False) -> dict[str, torch.Tensor]:
+    """Engine names -> an original CompVis checkpoint's names, the text tower in OpenCLIP's layout if open_clip (SD
+    2.x); extras adds what real files carry beside the weights: EMA copies (flattened names), the noise schedule, and
+    CLIP's position_ids."""
+    ckpt = to_original({k: t for k, t in state.items() if not (open_clip and k.startswith("text_encoder."))},
+                       old_text_names=not text_prefix)
+    if open_clip:
+        tower = {k.removeprefix("text_encoder."): t for k, t in state.items() if k.startswith("text_encoder.")}
+        ckpt.update((OPEN_CLIP_PREFIX + k, t) for k, t in open_clip_text_tower(tower).items())
     if extras:
         ckpt["model_ema.decay"] = torch.tensor(0.9999)
         ckpt["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
@@ -64,17 +108,19 @@ def original_checkpoint(state: dict, text_prefix: bool = True, extras: bool = Tr
                 ckpt["model_ema.diffusion_model" + name[len("unet."):].replace(".", "")] = t * 0.5
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
         ckpt.update({k: betas.float() * (i + 1) for i, k in enumerate(SCHEDULE_BUFFERS)})
-        ckpt[text + "embeddings.position_ids"] = torch.arange(77)[None]
+        if not open_clip:
+            ckpt |= to_original({"text_encoder.embeddings.position_ids": torch.arange(77)[None]}, not text_prefix)
     return ckpt
 
 
 def write_single_file(path, state: dict, fmt: str = "safetensors", text_prefix: bool = True, wrap: bool = True,
-                      extras: bool = True) -> dict:
+                      extras: bool = True, open_clip: bool = False, metadata: dict | None = None) -> dict:
     """Write an original single-file checkpoint; fmt "ckpt" pickles it with torch.save (zip format; "ckpt-legacy" in
-    the pre-1.6 format), under "state_dict" if wrap (as Lightning does) or at top level. Returns the written dict."""
-    ckpt = original_checkpoint(state, text_prefix, extras)
+    the pre-1.6 format), under "state_dict" if wrap (as Lightning does) or at top level. metadata goes into a
+    safetensors header. Returns the written dict."""
+    ckpt = original_checkpoint(state, text_prefix, extras, open_clip)
     if fmt == "safetensors":
-        safetensors.torch.save_file(ckpt, path)
+        safetensors.torch.save_file(ckpt, path, metadata=metadata)
     elif fmt in ("ckpt", "ckpt-legacy"):
         obj = {"state_dict": ckpt, "global_step": 1000, "epoch": 3} if wrap else ckpt
         torch.save(obj, path, _use_new_zipfile_serialization=fmt == "ckpt")
@@ -84,15 +130,19 @@ def write_single_file(path, state: dict, fmt: str = "safetensors", text_prefix: 
 
 
 def original_config(config: ModelConfig) -> dict:
-    """The CompVis YAML (v1-inference.yaml) shape that diffusers' single-file conversion reads."""
+    """The CompVis YAML shape (v1-inference.yaml; v2-inference(-v).yaml) that diffusers' single-file conversion reads."""
     u, v = config.unet, config.vae
+    # v2-inference.yaml gives the head width and no head count; diffusers reads whichever is there.
+    heads = {"num_heads": u.num_heads} if u.num_head_channels == -1 else {"num_head_channels": u.num_head_channels}
     return {"model": {"params": {
         "scale_factor": v.scaling_factor,
+        "parameterization": "v" if config.prediction_type == "v_prediction" else "eps",
         "unet_config": {"params": {
             "in_channels": u.in_channels, "out_channels": u.out_channels, "model_channels": u.model_channels,
             "channel_mult": list(u.channel_mult), "num_res_blocks": u.num_res_blocks,
-            "attention_resolutions": list(u.attention_resolutions), "num_heads": u.num_heads,
-            "transformer_depth": u.transformer_depth, "context_dim": u.context_dim, "use_linear_in_transformer": False,
+            "attention_resolutions": list(u.attention_resolutions), **heads,
+            "transformer_depth": u.transformer_depth, "context_dim": u.context_dim,
+            "use_linear_in_transformer": u.use_linear_in_transformer,
         }},
         "first_stage_config": {"params": {"embed_dim": v.embed_dim, "ddconfig": {
             "in_channels": v.in_channels, "out_ch": v.out_ch, "ch": v.ch, "ch_mult": list(v.ch_mult),
@@ -101,9 +151,9 @@ def original_config(config: ModelConfig) -> dict:
     }}}
 
 
-def write_tokenizer(folder: Path) -> None:
+def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
     """vocab.json and merges.txt as transformers' CLIPTokenizer reads them, built from CLIP's BPE merges the way
-    OpenAI's tokenizer builds its vocabulary."""
+    OpenAI's tokenizer builds its vocabulary, and special_tokens_map.json naming the pad token ("!" in SD 2.x's)."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     bpe = Path(__file__).parents[1] / "tritonsd" / "engine" / "data" / "bpe_simple_vocab_16e6.txt.gz"
@@ -114,14 +164,18 @@ def write_tokenizer(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(vocab)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": {"content": pad_token, "lstrip": False, "normalized": True, "rstrip": False,
+                             "single_word": False}}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
 
 
 def write_diffusers_folder(path, checkpoint: dict, config: ModelConfig, weights: str = "safetensors",
-                           tokenizer: bool = True) -> None:
+                           tokenizer: bool = True, scheduler: bool = True) -> None:
     """A diffusers folder made from an original checkpoint by diffusers' own single-file conversion, loaded strictly
-    into diffusers' and transformers' models and written by their save_pretrained. weights: "safetensors", "fp16"
-    (the .fp16 variant in half precision) or "bin" (pickles, with the text encoder under the classic text_model.
-    names)."""
+    into diffusers' and transformers' models and written by their save_pretrained, with SD's scheduler config for
+    the model's prediction type. weights: "safetensors", "fp16" (the .fp16 variant in half precision) or "bin"
+    (pickles, with the text encoder under the classic text_model. names)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sf
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -130,8 +184,10 @@ def write_diffusers_folder(path, checkpoint: dict, config: ModelConfig, weights:
     original = original_config(config)
     unet_config = sf.create_unet_diffusers_config_from_ldm(original, checkpoint)
     vae_config = sf.create_vae_diffusers_config_from_ldm(original, checkpoint)
-    # The YAML has no GroupNorm group count (CompVis hard-codes 32); diffusers takes it as norm_num_groups.
+    # The YAML has no GroupNorm group count (CompVis hard-codes 32); diffusers takes it as norm_num_groups. diffusers
+    # guesses the sample size from the model type (512 pixels unless it recognises SD 2.x by its full-size shapes).
     unet_config["norm_num_groups"] = config.unet.norm_groups
+    unet_config["sample_size"] = config.unet.sample_size
     vae_config["norm_num_groups"] = config.vae.norm_groups
     unet = UNet2DConditionModel(**unet_config)
     unet.load_state_dict(sf.convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)
@@ -144,7 +200,14 @@ def write_diffusers_folder(path, checkpoint: dict, config: ModelConfig, weights:
         num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
         max_position_embeddings=t.max_position_embeddings, hidden_act=t.hidden_act, layer_norm_eps=t.layer_norm_eps,
     ))
-    text_state = {k: v for k, v in sf.convert_ldm_clip_checkpoint(checkpoint).items() if not k.endswith("position_ids")}
+    if any(k.startswith(OPEN_CLIP_PREFIX) for k in checkpoint):
+        # diffusers leaves out SD 2.x's unused 24th block by name (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE); the tiny
+        # tower's unused block is its last one.
+        text_state = {k: v for k, v in sf.convert_open_clip_checkpoint(text, checkpoint).items()
+                      if not k.startswith(f"text_model.encoder.layers.{t.num_hidden_layers}.")}
+    else:
+        text_state = {k: v for k, v in sf.convert_ldm_clip_checkpoint(checkpoint).items()
+                      if not k.endswith("position_ids")}
     # As diffusers does: CLIPTextModel lost its text_model wrapper in transformers 5.
     wrapped = hasattr(text, "text_model")
     text.load_state_dict({k if wrapped else k.removeprefix("text_model."): v for k, v in text_state.items()}, strict=True)
@@ -164,4 +227,29 @@ def write_diffusers_folder(path, checkpoint: dict, config: ModelConfig, weights:
     else:
         text.save_pretrained(path / "text_encoder", variant=variant)
     if tokenizer:
-        write_tokenizer(path / "tokenizer")
+        write_tokenizer(path / "tokenizer", t.pad_token)
+    if scheduler:
+        (path / "scheduler").mkdir(parents=True, exist_ok=True)
+        (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(config)))
+
+
+def scheduler_config(config: ModelConfig, cls: str = "DDIMScheduler") -> dict:
+    """SD 1.x's and 2.x's scheduler config (diffusers' scheduler_config.json) for the model's prediction type."""
+    return {"_class_name": cls, "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False,
+            "skip_prk_steps": True, "trained_betas": None, "prediction_type": config.prediction_type}
+
+
+def linked_copy(folder: Path, dest: Path, replace: dict[str, str]) -> Path:
+    """A copy of a model folder whose files link to the original's, except those in replace ({relative path: text}),
+    written anew: a variant of a diffusers folder for the price of a few small files."""
+    for src in Path(folder).rglob("*"):
+        if src.is_file():
+            target = dest / src.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            key = str(src.relative_to(folder))
+            if key in replace:
+                target.write_text(replace[key], encoding="utf-8")
+            else:
+                os.symlink(src, target)
+    return dest

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from tritonsd.engine.pipeline import Pipeline
+from tritonsd.files import atomic_write
 
 PROMPTS = [
     "a red circle on a blue background",
@@ -49,7 +50,9 @@ def main() -> None:
     args = parser.parse_args()
     pipe = Pipeline.from_checkpoint(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    render(pipe, PROMPTS, list(range(args.seeds)), args.steps, args.scale).save(args.out)
+    grid = render(pipe, PROMPTS, list(range(args.seeds)), args.steps, args.scale)
+    with atomic_write(args.out) as tmp:
+        grid.save(tmp, format=Image.registered_extensions()[args.out.suffix.lower()])
     print(f"wrote {args.out}")
 
 

@@ -32,6 +32,8 @@ from tritonsd.engine.config import ModelConfig
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.engine.samplers import ALPHAS_CUMPROD
 from tritonsd.engine.tokenizer import CLIPTokenizer
+from tritonsd.files import atomic_write
+from tritonsd.loader.convert import to_original
 from tools import shapes
 
 # 64x64 pictures, latents 4x smaller; the real CLIP vocabulary so the real tokenizer drives it; a few M parameters.
@@ -43,22 +45,15 @@ CONFIG = ModelConfig.from_dict({
                  max_position_embeddings=77),
 })
 
-ORIGINAL_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-                     "text_encoder": "cond_stage_model.transformer.text_model."}
-
 
 def save(model: StableDiffusion, path: Path) -> None:
     """The original single-file layout in float16, and the config as NAME.json beside it; each appears whole."""
-    state = {}
-    for name, t in model.state_dict().items():
-        part, rest = name.split(".", 1)
-        state[ORIGINAL_PREFIXES[part] + rest] = t.detach().to(torch.float16).contiguous()
+    state = to_original({name: t.detach().to(torch.float16).contiguous() for name, t in model.state_dict().items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, write in ((path, lambda p: safetensors.torch.save_file(state, p)),
                           (path.with_suffix(".json"), lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=1)))):
-        tmp = target.with_name(f".{target.name}.tmp")
-        write(tmp)
-        os.replace(tmp, target)
+        with atomic_write(target) as tmp:
+            write(tmp)
 
 
 def pixels(images: np.ndarray) -> torch.Tensor:

@@ -5,39 +5,7 @@ that is cheap. Every file is written whole or not at all, so an interrupted run 
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-import random
-import re
 import sys
-import time
-from pathlib import Path
-
-import torch
-from PIL import Image, PngImagePlugin
-from tqdm.auto import tqdm
-
-from tritonsd import loader
-from tritonsd.engine.config import ModelConfig
-from tritonsd.engine.lora import check_scale, extract_lora_tags, find_lora
-from tritonsd.engine.pipeline import Pipeline
-from tritonsd.engine.samplers import SAMPLERS, make_plan
-from tritonsd.pngmeta import format_parameters, model_hash
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        _fail(f"{message} (see {self.prog} --help)")
-
-
-def _fail(message: str, status: int = 2):
-    _say(f"tritonsd: error: {message}", sys.stderr)
-    raise SystemExit(status)
 
 
 def _say(text, file=None) -> None:
@@ -48,30 +16,70 @@ def _say(text, file=None) -> None:
     file.flush()
 
 
-def _device_arg(value: str) -> str:
-    if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", value)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N")
-    if value != "cpu":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{value} requested but CUDA is not available; use --device cpu")
-        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{value} requested but there are {torch.cuda.device_count()} CUDA devices")
-    return value
+def _interrupted():
+    _say("tritonsd: interrupted", sys.stderr)
+    raise SystemExit(130)
+
+
+# Importing torch takes a second or more, and Ctrl-C then must end as it does at any later moment. The package's
+# __init__ imports nothing heavy, so before this point an interrupt can only land in the interpreter's start-up.
+try:
+    import argparse
+    import dataclasses
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    import torch
+    from PIL import Image, PngImagePlugin
+    from tqdm.auto import tqdm
+
+    from tritonsd import loader
+    from tritonsd.engine.config import PREDICTION_TYPES, ModelConfig
+    from tritonsd.engine.lora import check_scale, extract_lora_tags, find_lora
+    from tritonsd.engine.pipeline import Pipeline
+    from tritonsd.engine.prompts import parse_attention
+    from tritonsd.engine.samplers import SAMPLERS
+    from tritonsd.engine.settings import DTYPES, SEED_LIMIT, SettingError, Settings, check_device, read_image
+    from tritonsd.files import atomic_write, check_output, check_output_folder
+    from tritonsd.loader.embeddings import SUFFIXES as EMBEDDING_SUFFIXES
+    from tritonsd.pngmeta import format_parameters, model_hash, parse_parameters
+except KeyboardInterrupt:
+    _interrupted()
+
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# The Python arguments that SettingError names, as options of this command.
+_OPTIONS = {
+    "guidance_scale": "--cfg", "batch_size": "--batch", "negative_prompt": "--negative-prompt",
+    "clip_skip": "--clip-skip",
+    **{name: f"--{name}" for name in ("steps", "sampler", "seed", "width", "height", "strength", "device")},
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        _fail(f"{message} (see {self.prog} --help)")
+
+
+def _fail(message: str, status: int = 2):
+    # One line, whatever the message quotes (a path or prompt may hold line breaks).
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
+    _say(f"tritonsd: error: {message}", sys.stderr)
+    raise SystemExit(status)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", help="checkpoint file or diffusers folder (default: the demo model)")
-    p.add_argument("--config", metavar="FILE", help="model sizes (FILE.json, or a CompVis FILE.yaml), for checkpoints "
-                   "whose shape is not SD 1.x")
+    p.add_argument("--config", metavar="FILE", help="model config (FILE.json, or a CompVis FILE.yaml), for "
+                   "checkpoints that do not carry one")
+    _add_prediction_type(p)
     p.add_argument("--vae", metavar="PATH", help="a separate VAE file or diffusers vae/ folder to use instead of the model's")
     p.add_argument("--lora", metavar="PATH[:SCALE]", action="append", default=[], type=_lora_arg,
                    help="apply a LoRA/LyCORIS file at SCALE (default 1); repeatable")
     p.add_argument("--lora-dir", metavar="DIR", action="append", default=[],
                    help="folder where <lora:NAME:WEIGHT> prompt tags find NAME.safetensors; repeatable")
-    p.add_argument("--device", type=_device_arg, default="auto",
+    p.add_argument("--device", default="auto",
                    help="auto, cpu, cuda or cuda:N (default: auto, CUDA when there is one)")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", metavar="DTYPE",
                    help="auto, fp32, fp16 or bf16 (default: auto, fp16 on CUDA and fp32 on CPU)")
@@ -92,36 +100,55 @@ def _lora_arg(value: str) -> tuple[Path, float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _add_prediction_type(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, metavar="TYPE",
+                   help="what the UNet predicts, epsilon or v_prediction (default: what the checkpoint says; "
+                        "see the README for files that say nothing)")
+
+
 def _add_generation_options(p: argparse.ArgumentParser, size: bool, files: bool) -> None:
     """files: one run writing -o OUT.png (a random seed by default), else a batch run with seed 0 by default."""
     p.add_argument("--negative-prompt", default="", metavar="TEXT", help="what the image should not show")
+    p.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                   help="stop the text encoder N - 1 layers before its last (default: 1, all layers)")
+    p.add_argument("--embeddings", metavar="DIR",
+                   help=f"load every textual-inversion embedding ({', '.join(EMBEDDING_SUFFIXES)}) in DIR; "
+                        "a file's name without its suffix names it in prompts")
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="euler", metavar="NAME",
+    p.add_argument("--sampler", default="euler", metavar="NAME",
                    help=f"{', '.join(SAMPLERS)} (default: euler)")
     if files:
         p.add_argument("--seed", type=int, help="default: random, printed and stored in the PNG")
     else:
         p.add_argument("--seed", type=int, default=0, help="line N of the file uses seed + N (default: 0)")
     if size:
-        p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's own, 512 for SD 1.x)")
-        p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's own, 512 for SD 1.x)")
+        default = "(default: the model's own, 512 for SD 1.x, 768 for SD 2.x v-prediction models)"
+        p.add_argument("--width", type=int, help=f"pixels, a multiple of 8 {default}")
+        p.add_argument("--height", type=int, help=f"pixels, a multiple of 8 {default}")
     if files:
         p.add_argument("--batch", type=int, default=1, help="images drawn together from one seed (default: 1)")
         p.add_argument("-o", "--output", default="output.png", metavar="OUT.png",
                        help="where to write; with --batch N, OUT-0.png ... OUT-{N-1}.png (default: output.png)")
     _add_model_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print each prompt's token and chunk counts")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tritonsd", description="Stable Diffusion 1.x inference with Triton kernels.")
+def _parser(png: dict | None = None) -> argparse.ArgumentParser:
+    """png: the settings of a --from-png picture, which become txt2img's defaults."""
+    parser = _Parser(prog="tritonsd", description="Stable Diffusion 1.x and 2.x inference with Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("txt2img", help="generate images from a prompt")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", help="required unless --from-png gives it")
+    p.add_argument("--from-png", metavar="IMAGE.png",
+                   help="take the prompt and settings from a PNG's parameters (tritonsd's or AUTOMATIC1111's); "
+                        "options given here override them")
     _add_generation_options(p, size=True, files=True)
-    p.set_defaults(run=_txt2img)
+    p.set_defaults(run=_txt2img, png=None)
+    if png:
+        p.set_defaults(**png)
 
     p = sub.add_parser("img2img", help="redraw an image from a prompt")
     p.add_argument("image")
@@ -141,8 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST", help="the tritonsd file to write")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", metavar="DTYPE",
                    help="fp32, fp16 or bf16 (default: fp16)")
-    p.add_argument("--config", metavar="FILE", help="model sizes (FILE.json, or a CompVis FILE.yaml), for checkpoints "
-                   "whose shape is not SD 1.x")
+    p.add_argument("--config", metavar="FILE", help="model config (FILE.json, or a CompVis FILE.yaml), for "
+                   "checkpoints that do not carry one")
+    _add_prediction_type(p)
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("info", help="describe a checkpoint, LoRA or VAE file; exit status 2 if it would not load")
@@ -153,9 +181,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = _parser(_png_defaults(argv)).parse_args(argv)
         args.run(args)
+    except SettingError as e:
+        _fail(f"{_OPTIONS.get(e.argument, e.argument)} {e.problem}")
     except ValueError as e:
         _fail(str(e))
     except torch.cuda.OutOfMemoryError:
@@ -163,23 +194,47 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         _fail(str(e), status=1)
     except KeyboardInterrupt:
-        _say("tritonsd: interrupted", sys.stderr)
-        raise SystemExit(130)
+        _interrupted()
 
 
-def _check_generation(args, strength: float | None = None) -> int:
-    """Every setting a run needs, checked before the model loads. Returns the denoising steps the run takes."""
-    plan = make_plan(args.sampler, args.steps, 1.0 if strength is None else strength)
-    if not math.isfinite(args.cfg):
-        raise ValueError(f"--cfg must be a finite number, got {args.cfg}")
-    if args.seed is not None and not 0 <= args.seed < 2**63:
-        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
-    for name in ("width", "height"):
-        size = getattr(args, name, None)
-        if size is not None and (size <= 0 or size % 8):
-            raise ValueError(f"--{name} must be a positive multiple of 8, got {size}")
-    if getattr(args, "batch", 1) < 1:
-        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+# --from-png: what a `parameters` chunk sets, as txt2img's option names.
+_PNG_OPTIONS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler",
+                "cfg": "cfg", "seed": "seed", "width": "width", "height": "height", "clip_skip": "clip_skip",
+                "batch_size": "batch"}
+_PNG_NOTED = ("model", "model_hash", "batch_pos", "pad_conds")  # compared, reported or always so
+
+
+def _png_defaults(argv: list[str]) -> dict:
+    """For `txt2img --from-png IMAGE.png`: the picture's settings under txt2img's option names, so that options
+    given on the command line override them; {} otherwise."""
+    if not argv or argv[0] != "txt2img":
+        return {}
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--from-png")
+    path = pre.parse_known_args(argv[1:])[0].from_png
+    if path is None:
+        return {}
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get("parameters")
+    except OSError as e:
+        raise ValueError(f"cannot read --from-png {path}: {e}") from None
+    if text is None:
+        raise ValueError(f"--from-png {path} has no 'parameters' text chunk to take settings from")
+    try:
+        settings = parse_parameters(text)
+    except ValueError as e:
+        raise ValueError(f"--from-png {path}: cannot read its parameters ({e})") from None
+    return {_PNG_OPTIONS[k]: v for k, v in settings.items() if k in _PNG_OPTIONS} | {"png": (path, settings)}
+
+
+def _settings(args, prompt: str, **run) -> Settings:
+    """The run's settings, checked by the same code as the Python API's, before any model loads. A prompt whose
+    weights do not parse is refused here too."""
+    for text in (prompt, args.negative_prompt):
+        parse_attention(text)
+    if args.embeddings is not None and not Path(args.embeddings).is_dir():
+        raise ValueError(f"--embeddings {args.embeddings} is not a folder")
     for path, _ in args.lora:
         if not path.is_file():
             raise ValueError(f"--lora {path}: no such file")
@@ -188,24 +243,65 @@ def _check_generation(args, strength: float | None = None) -> int:
             raise ValueError(f"--lora-dir {folder}: no such folder")
     if args.vae and not Path(args.vae).exists():
         raise ValueError(f"--vae {args.vae}: no such file or folder")
-    if hasattr(args, "prompt"):
-        _check_lora_tags([args.prompt], args)
-    return len(plan.timesteps)
+    _check_lora_tags(prompt, args)
+    return Settings(
+        prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, seed=args.seed,
+        clip_skip=args.clip_skip, **run,
+    )
 
 
-def _check_lora_tags(prompts: list[str], args) -> None:
+def _check_lora_tags(prompt: str, args) -> None:
     """Every <lora:NAME:WEIGHT> tag is well formed and names a LoRA given with --lora or found in a --lora-dir."""
-    for prompt in prompts:
-        for name, _ in extract_lora_tags(prompt)[1]:
-            if name not in {p.stem for p, _ in args.lora}:
-                find_lora(name, [Path(d) for d in args.lora_dir])
+    for name, _ in extract_lora_tags(prompt)[1]:
+        if name not in {p.stem for p, _ in args.lora}:
+            find_lora(name, [Path(d) for d in args.lora_dir])
 
 
-def _check_output(path: Path) -> None:
+def _launcher() -> tuple[int, int, int | None]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, None) when not launched as one of several."""
+    world = _environment_int("WORLD_SIZE", 1)
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE must be at least 1, got {world}")
+    if world == 1:
+        return 0, 1, None
+    missing = [name for name in ("RANK", "LOCAL_RANK") if name not in os.environ]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE is {world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; "
+            "launch with torchrun, which sets all three"
+        )
+    rank, local_rank = _environment_int("RANK", 0), _environment_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world or local_rank < 0:
+        raise ValueError(f"RANK {rank} and LOCAL_RANK {local_rank} do not fit WORLD_SIZE {world}")
+    return rank, world, local_rank
+
+
+def _environment_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def _device(value: str, local_rank: int | None = None) -> str:
+    """--device as a device: auto is CUDA when there is one; a bare cuda under a launcher is this process's GPU,
+    cuda:LOCAL_RANK; cuda:N is taken as given."""
+    if value == "auto":
+        value = "cuda" if torch.cuda.is_available() else "cpu"
+    if value == "cuda" and local_rank is not None:
+        value = f"cuda:{local_rank}"
+    check_device(value)
+    return value
+
+
+def _png_path(value: str) -> Path:
+    path = Path(value)
     if path.suffix.lower() != ".png":
         raise ValueError(f"output {path} must be a .png file")
-    if not path.parent.is_dir():
-        raise ValueError(f"output folder {path.parent} does not exist")
+    return path
 
 
 def _model_path(args) -> Path:
@@ -225,15 +321,46 @@ def _dtype(name: str, device: str) -> torch.dtype:
 class _Model:
     """A loaded pipeline with the name and hash its images record."""
 
-    def __init__(self, path: Path, config: ModelConfig | None, device: str, dtype: torch.dtype, args):
+    def __init__(self, args, device: str):
+        path, config = _model_path(args), _model_config(args)
         start = time.perf_counter()
-        self.pipe = Pipeline.from_checkpoint(path, device=device, dtype=dtype, config=config, vae=args.vae,
+        self.pipe = Pipeline.from_checkpoint(path, device=device, dtype=_dtype(args.dtype, device), config=config,
+                                             prediction_type=args.prediction_type, vae=args.vae,
                                              lora_dirs=args.lora_dir)
         for lora, scale in args.lora:
             self.pipe.load_lora(lora, scale)
+        if args.embeddings is not None:
+            self._load_embeddings(Path(args.embeddings))
         self.load_seconds = time.perf_counter() - start
         self.name = path.stem if path.is_file() else path.name
         self.hash = model_hash(path)
+
+    def _load_embeddings(self, folder: Path) -> None:
+        """Every embedding file in the folder, as A1111 reads its embeddings/ folder: one that does not fit this
+        model (another model family's, an unknown format) is skipped with a warning."""
+        for file in sorted(f for f in folder.iterdir() if f.suffix.lower() in EMBEDDING_SUFFIXES and f.is_file()):
+            try:
+                self.pipe.load_textual_inversion(file)
+            except ValueError as e:
+                _say(f"tritonsd: warning: skipped embedding {e}", sys.stderr)
+
+    def describe_embeddings(self) -> None:
+        """For --verbose: the embedding names prompts can use."""
+        names = self.pipe.prompt_tokenizer.embeddings
+        if names:
+            _say(f"embeddings: {', '.join(names)}", sys.stderr)
+
+    def pads_conds(self, settings: Settings) -> bool:
+        """Whether the guided run pads the prompt or the negative prompt to the other's chunk count."""
+        chunks = self.pipe.prompt_tokenizer.chunks
+        return settings.guided and len(chunks(settings.prompts[0])) != len(chunks(settings.negative_prompts[0]))
+
+    def describe_prompts(self, prompts: list[tuple[str, str]]) -> None:
+        """For --verbose: each prompt's token and chunk counts."""
+        for what, text in prompts:
+            chunks = self.pipe.prompt_tokenizer.chunks(text)
+            _say(f"{what}: {sum(c.length for c in chunks)} tokens in {len(chunks)} chunk(s) of "
+                 f"{self.pipe.prompt_tokenizer.room}", sys.stderr)
 
     def summary(self, what: str, steps: int, seconds: float) -> str:
         dtype = DTYPE_NAMES.get(self.pipe.dtype, str(self.pipe.dtype))
@@ -247,96 +374,111 @@ def _progress(args) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
-def _save_png(image: Image.Image, path: Path, parameters: str) -> None:
+def _save_png(image, path: Path, parameters: str) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    _write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write beside the target and rename over it, so readers (and resumed runs) never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def _txt2img(args) -> None:
-    _generate(args, lambda pipe, **kw: pipe.txt2img(args.prompt, width=args.width, height=args.height, **kw))
+    if args.prompt is None:
+        raise ValueError("txt2img needs a PROMPT, or --from-png IMAGE.png to take one from")
+    _generate(args, _settings(args, args.prompt, width=args.width, height=args.height, batch_size=args.batch))
 
 
 def _img2img(args) -> None:
-    try:
-        with Image.open(args.image) as f:
-            image = f.convert("RGB")
-    except OSError as e:
-        raise ValueError(f"cannot read image {args.image}: {e}") from None
-    if min(image.size) < 8:
-        raise ValueError(f"image {args.image} is {image.width}x{image.height}; both sides must be at least 8 pixels")
-    _generate(args, lambda pipe, **kw: pipe.img2img(image, args.prompt, strength=args.strength, **kw), args.strength)
+    settings = _settings(args, args.prompt, strength=args.strength, batch_size=args.batch)
+    _generate(args, settings, read_image(args.image))
 
 
-def _generate(args, run, strength: float | None = None) -> None:
-    steps = _check_generation(args, strength)
-    output = Path(args.output)
-    _check_output(output)
-    paths = [output] if args.batch == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(args.batch)]
-    path, config = _model_path(args), _model_config(args)
-    model = _Model(path, config, args.device, _dtype(args.dtype, args.device), args)
-    seed = random.randrange(2**32) if args.seed is None else args.seed
+def _generate(args, settings: Settings, image=None) -> None:
+    device = _device(args.device)
+    output = _png_path(args.output)
+
+    def target(i: int) -> Path:
+        return output if settings.batch_size == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
+
+    check_output(target(settings.batch_size - 1))  # the longest name
+    model = _Model(args, device)
+    # The memory estimate first: it refuses an absurd --batch at once, before every one of its names is looked at.
+    model.pipe.check(settings, image)
+    paths = [target(i) for i in range(settings.batch_size)]
+    for out in paths:
+        check_output(out)
+    if getattr(args, "png", None):
+        _note_png(args, model, paths)
+    if args.verbose:
+        model.describe_embeddings()
+        model.describe_prompts([("prompt", args.prompt), ("negative prompt", args.negative_prompt)])
 
     start = time.perf_counter()
-    images = run(
-        model.pipe, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.cfg,
-        sampler=args.sampler, seed=seed, batch_size=args.batch, progress=_progress(args),
-    )
+    images = model.pipe.generate(settings, image, progress=_progress(args))
     seconds = time.perf_counter() - start
-    for i, (image, out) in enumerate(zip(images, paths)):
+    steps = len(settings.plan.timesteps)
+    for i, (picture, out) in enumerate(zip(images, paths)):
         parameters = format_parameters(
-            args.prompt, args.negative_prompt, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=seed,
-            width=image.width, height=image.height, model_hash=model.hash, model=model.name, strength=strength,
-            batch_size=args.batch, batch_pos=i, lora_hashes=model.pipe.lora_hashes(args.prompt),
+            args.prompt, args.negative_prompt, steps=settings.steps, sampler=settings.sampler,
+            cfg=settings.guidance_scale, seed=settings.seed, width=picture.width, height=picture.height,
+            model_hash=model.hash, model=model.name, strength=settings.strength, clip_skip=settings.clip_skip,
+            pad_conds=model.pads_conds(settings), batch_size=settings.batch_size, batch_pos=i,
+            lora_hashes=model.pipe.lora_hashes(args.prompt),
         )
-        _save_png(image, out, parameters)
+        _save_png(picture, out, parameters)
         _say(out)
     if not args.quiet:
-        _say(f"seed {seed}: " + model.summary(f"{len(images)} image(s), {steps} steps", steps, seconds), sys.stderr)
+        summary = model.summary(f"{len(images)} image(s), {steps} steps", steps, seconds)
+        _say(f"seed {settings.seed}: {summary}", sys.stderr)
+
+
+def _note_png(args, model: _Model, paths: list[Path]) -> None:
+    """What of a --from-png picture's settings this run does not reproduce, on stderr."""
+    path, settings = args.png
+    ignored = [k for k in settings if k not in _PNG_OPTIONS and k not in _PNG_NOTED]
+    if ignored:
+        _say(f"tritonsd: warning: {path}: settings tritonsd does not apply: {', '.join(ignored)}", sys.stderr)
+    if settings.get("model_hash", model.hash) != model.hash:
+        _say(f"tritonsd: warning: {path} was made with model {settings.get('model', '?')} (hash "
+             f"{settings['model_hash']}); this is {model.name} (hash {model.hash})", sys.stderr)
+    pos = settings.get("batch_pos", 0)
+    if args.batch == settings.get("batch_size", 1) > 1 and pos < len(paths):
+        _say(f"tritonsd: {path} was image {pos} of a batch of {args.batch}: {paths[pos]}", sys.stderr)
 
 
 def _read_prompts(path: str) -> list[tuple[int, str]]:
-    """(line number from 1, prompt) for each non-empty line, so a file name and seed name a line of the file."""
+    """(line number from 1, prompt) for each non-empty line, so a file name and seed name a line of the file.
+    Lines end at "\n" only (a "\r" before it is stripped), as editors number them: U+2028, U+0085 or a form feed
+    inside a line does not start another."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read prompts file {path}: {e}") from None
-    prompts = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    prompts = [(n, line.strip()) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
     if not prompts:
         raise ValueError(f"prompts file {path} has no prompts")
     return prompts
 
 
 def _batch(args) -> None:
-    steps = _check_generation(args)
+    rank, world, local_rank = _launcher()
+    device = _device(args.device, local_rank)
     prompts = _read_prompts(args.prompts)
-    _check_lora_tags([p for _, p in prompts], args)
-    if args.seed + prompts[-1][0] >= 2**63:
-        raise ValueError(f"--seed {args.seed} plus the line count passes 2**63")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is not a folder")
-    path, config = _model_path(args), _model_config(args)
-
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device
-    if world > 1 and device.startswith("cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-    model = _Model(path, config, device, _dtype(args.dtype, device), args)
+    for n, prompt in prompts:
+        try:
+            parse_attention(prompt)
+            _check_lora_tags(prompt, args)
+        except ValueError as e:
+            raise ValueError(f"{args.prompts} line {n}: {e}") from None
+    settings = _settings(args, prompts[0][1], width=args.width, height=args.height)
+    steps = len(settings.plan.timesteps)
+    last = prompts[-1][0]
+    if settings.seed + last >= SEED_LIMIT:
+        raise SettingError("seed", f"{settings.seed} plus the last line's number, {last}, passes 2**64 - 1")
+    out = check_output_folder(args.out)
+    model = _Model(args, device)
+    model.pipe.check(settings)
+    if args.verbose:
+        model.describe_embeddings()
     out.mkdir(parents=True, exist_ok=True)
 
     def target(n: int) -> Path:
@@ -354,14 +496,14 @@ def _batch(args) -> None:
         start = time.perf_counter()
         mine = pending[rank::world]
         for n, prompt in tqdm(mine, disable=not _progress(args) or rank != 0, desc="batch", unit="image"):
-            image = model.pipe.txt2img(
-                prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,
-                seed=args.seed + n, width=args.width, height=args.height,
-            )[0]
+            if args.verbose:
+                model.describe_prompts([(f"line {n}", prompt)])
+            line = dataclasses.replace(settings, prompt=prompt, seed=settings.seed + n)
+            image = model.pipe.generate(line)[0]
             parameters = format_parameters(
-                prompt, args.negative_prompt, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=args.seed + n,
-                width=image.width, height=image.height, model_hash=model.hash, model=model.name,
-                lora_hashes=model.pipe.lora_hashes(prompt),
+                prompt, args.negative_prompt, steps=line.steps, sampler=line.sampler, cfg=line.guidance_scale,
+                seed=line.seed, width=image.width, height=image.height, model_hash=model.hash, model=model.name,
+                clip_skip=line.clip_skip, pad_conds=model.pads_conds(line), lora_hashes=model.pipe.lora_hashes(prompt),
             )
             _save_png(image, target(n), parameters)
             with tqdm.external_write_mode(file=sys.stdout):  # the bar steps aside for the line
@@ -379,20 +521,18 @@ def _batch(args) -> None:
 
 
 def _convert(args) -> None:
-    src, dst = Path(args.src), Path(args.dst)
-    if not dst.parent.is_dir():
-        raise ValueError(f"output folder {dst.parent} does not exist")
+    src, dst = Path(args.src), check_output(args.dst)
     config = _model_config(args)
     dtype = DTYPES[args.dtype]
     start = time.perf_counter()
-    model, _ = loader.load(src, device="cpu", dtype=dtype, config=config)
+    model, _ = loader.load(src, device="cpu", dtype=dtype, config=config, prediction_type=args.prediction_type)
     loader.save(model, model.config, dst, dtype=dtype)
     _say(dst)
     _say(f"converted {src} to {args.dtype} in {time.perf_counter() - start:.1f} s", sys.stderr)
 
 
 def _info(args) -> None:
-    """Print what the file holds; exit 2 with the reason when it is not a loadable SD 1.x checkpoint."""
+    """Print what the file holds; exit 2 with the reason when it is not a loadable SD 1.x/2.x checkpoint."""
     d = loader.describe(args.ckpt)
     if args.json:
         _say(json.dumps(d, indent=2))
@@ -412,21 +552,16 @@ def _info(args) -> None:
         if "use" in d:
             rows.append(("use", d["use"]))
         for part, fields in (d["config"] or {}).items():
-            rows.append((f"config.{part}", " ".join(f"{k}={v}" for k, v in fields.items())))
+            if isinstance(fields, dict):
+                rows.append((f"config.{part}", " ".join(f"{k}={v}" for k, v in fields.items())))
         if d["config"]:
+            rows.append(("prediction", f"{d['config']['prediction_type']} (from {d['prediction_source']})"))
             rows += [(key, _listing(d[key])) for key in ("missing", "unexpected", "wrong_shape")]
         _say(d["path"])
         for key, value in rows:
             _say(f"  {key:<14}{value}")
-    if d["problem"]:
+    if d["problem"]:  # the refusal `load` would make, word for word
         raise ValueError(d["problem"])
-    if "use" in d:  # a valid file of another kind: a LoRA or a VAE
-        return
-    if d["architecture"] != "SD1.x":
-        raise ValueError(f"{d['path']}: not a Stable Diffusion 1.x checkpoint: {d['evidence']}")
-    bad = [f"{len(d[k])} {k.replace('_', ' ')}" for k in ("missing", "unexpected", "wrong_shape") if d[k]]
-    if bad:
-        raise ValueError(f"{d['path']}: tensors do not match its config: " + ", ".join(bad))
 
 
 def _count(n: int) -> str:

@@ -1,10 +1,18 @@
 """Model sizes. Field names follow the CompVis YAML (UNet, VAE) and HF's CLIPTextConfig (text encoder),
-so a config can be read off the files people already have. `ModelConfig()` is Stable Diffusion 1.x."""
+so a config can be read off the files people already have. `ModelConfig()` is Stable Diffusion 1.x; `SD2` and
+`SD2_V` are SD 2.x's 512 (epsilon) and 768 (v-prediction) models.
+
+Every field is checked against its annotation and its row of LIMITS when a config is made, however it is made
+(from_dict, from_json, the constructors, dataclasses.replace): a config that exists is one a model can be built from.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import reprlib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +25,24 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    # Either a head count at every level (SD 1.x) or a fixed head width (SD 2.x: 64, so 5, 10 and 20 heads);
+    # the other is -1, as in the CompVis YAML.
     num_heads: int = 8
+    num_head_channels: int = -1
     transformer_depth: int = 1
     context_dim: int = 768
+    # SD 2.x's transformers project in and out with Linear layers instead of 1x1 convolutions.
+    use_linear_in_transformer: bool = False
     norm_groups: int = 32
     # Latent side the model was trained at; the default image side is this times the VAE's factor (512 for SD1.x).
     sample_size: int = 64
+
+    def __post_init__(self):
+        _check_fields(self)
+
+    def heads(self, channels: int) -> int:
+        """The attention head count at a level of this many channels."""
+        return self.num_heads if self.num_head_channels == -1 else channels // self.num_head_channels
 
 
 @dataclass(frozen=True)
@@ -37,6 +57,9 @@ class VAEConfig:
     scaling_factor: float = 0.18215
     norm_groups: int = 32
 
+    def __post_init__(self):
+        _check_fields(self)
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -48,9 +71,154 @@ class TextConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    # What prompts are padded with: OpenAI's CLIP (SD 1.x) pads with its end token, OpenCLIP (SD 2.x) with id 0,
+    # "!". The padded positions condition the UNet, so this belongs to the model as much as its weights do.
+    pad_token: str = "<|endoftext|>"
+
+    def __post_init__(self):
+        _check_fields(self)
 
 
-_PARTS = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}
+# What the UNet predicts: the noise (epsilon) or v = sqrt(alphā)·noise - sqrt(1 - alphā)·x0 (SD 2.x's 768 models).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+PARTS = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A field's accepted values: numbers in [low, high] or in `also` (a tuple's items, and its length in `length`),
+    one of `choices` for a string (any string of 1 to `high` characters when there are no choices), or a bool."""
+    low: float = 0
+    high: float = 0
+    length: tuple[int, int] | None = None
+    choices: tuple[str, ...] = ()
+    also: tuple[int, ...] = ()
+
+
+# Far beyond every Stable Diffusion model (SD 1.x/2.x, SDXL), yet small enough that nothing a file says can make the
+# engine build or allocate without bound.
+LIMITS: dict[str, dict[str, Limit]] = {
+    "unet": {
+        "in_channels": Limit(1, 64),
+        "out_channels": Limit(1, 64),
+        "model_channels": Limit(1, 4096),
+        "channel_mult": Limit(1, 64, length=(1, 8)),
+        "num_res_blocks": Limit(1, 16),
+        "attention_resolutions": Limit(1, 128, length=(0, 8)),
+        # -1: the other one of the two sets the heads (ModelConfig.validate).
+        "num_heads": Limit(1, 256, also=(-1,)),
+        "num_head_channels": Limit(1, 4096, also=(-1,)),
+        "transformer_depth": Limit(1, 64),
+        "context_dim": Limit(1, 8192),
+        "use_linear_in_transformer": Limit(),
+        "norm_groups": Limit(1, 1024),
+        "sample_size": Limit(1, 512),
+    },
+    "vae": {
+        "in_channels": Limit(1, 64),
+        "out_ch": Limit(1, 64),
+        "ch": Limit(1, 4096),
+        "ch_mult": Limit(1, 64, length=(1, 8)),
+        "num_res_blocks": Limit(1, 16),
+        "z_channels": Limit(1, 64),
+        "embed_dim": Limit(1, 64),
+        "scaling_factor": Limit(1e-6, 1e3),
+        "norm_groups": Limit(1, 1024),
+    },
+    "text": {
+        "vocab_size": Limit(1, 1_000_000),
+        "hidden_size": Limit(1, 16384),
+        "num_hidden_layers": Limit(1, 256),
+        "num_attention_heads": Limit(1, 256),
+        "intermediate_size": Limit(1, 65536),
+        "max_position_embeddings": Limit(1, 4096),
+        "hidden_act": Limit(choices=("quick_gelu", "gelu")),
+        "layer_norm_eps": Limit(1e-12, 1.0),
+        "pad_token": Limit(high=64),
+    },
+}
+# The widest activation any level may have (channels): bounds the product of a base width and its multiplier.
+MAX_CHANNELS = 16384
+
+# Short and depth-limited, for any value a file may hold.
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxlist, _repr.maxdict, _repr.maxstring, _repr.maxlong, _repr.maxother = 2, 8, 4, 40, 40, 40
+
+
+def _describe(value) -> str:
+    if _is_int(value) and abs(value) >= 10**40:  # repr of a huge int is slow, or refused past 4300 digits
+        return f"an integer of {value.bit_length()} bits"
+    return f"{_repr.repr(value)} ({type(value).__name__})"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@functools.cache
+def _annotations(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _check_fields(part) -> None:
+    """Check each field of a part against its annotation and LIMITS; lists become tuples."""
+    name = next(n for n, cls in PARTS.items() if isinstance(part, cls))
+    for f, kind in _annotations(type(part)).items():
+        value, limit, where = getattr(part, f), LIMITS[name][f], f"{name}.{f}"
+        if kind is int:
+            if not (_is_int(value) and (limit.low <= value <= limit.high or value in limit.also)):
+                also = "".join(f" or {v}" for v in limit.also)
+                raise ValueError(f"{where} must be an integer in [{limit.low}, {limit.high}]{also}; "
+                                 f"got {_describe(value)}")
+        elif kind is float:  # NaN and infinities fail the range test
+            if not ((_is_int(value) or isinstance(value, float)) and limit.low <= value <= limit.high):
+                raise ValueError(f"{where} must be a number in [{limit.low:g}, {limit.high:g}]; got {_describe(value)}")
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{where} must be true or false; got {_describe(value)}")
+        elif kind is str and not limit.choices:
+            if not (isinstance(value, str) and 1 <= len(value) <= limit.high):
+                raise ValueError(f"{where} must be a string of 1 to {limit.high:g} characters; got {_describe(value)}")
+        elif kind is str:
+            if value not in limit.choices:  # `in` on a tuple of str: False for any non-str value
+                raise ValueError(f"{where} must be one of {', '.join(limit.choices)}; got {_describe(value)}")
+        else:  # tuple[int, ...]
+            shortest, longest = limit.length
+            if not (isinstance(value, (list, tuple)) and shortest <= len(value) <= longest
+                    and all(_is_int(v) and limit.low <= v <= limit.high for v in value)):
+                raise ValueError(f"{where} must be a list of {shortest} to {longest} integers in "
+                                 f"[{limit.low}, {limit.high}]; got {_describe(value)}")
+            object.__setattr__(part, f, tuple(value))
+
+
+# A config file is a few kilobytes; a larger one is not a config.
+MAX_JSON_BYTES = 1 << 20
+
+
+def parse_json(text: str):
+    """The value of a JSON text; a ValueError saying why it is not one (nesting too deep to parse included)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so is an integer of 5000 digits
+        raise ValueError(f"not valid JSON: {'nested too deeply' if isinstance(e, RecursionError) else e}") from None
+
+
+def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES):
+    """The value of a JSON file of at most max_bytes; a ValueError saying why it cannot be read (the caller names
+    the file)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ValueError(e.strerror or str(e)) from None
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than {max_bytes >> 20} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return parse_json(text)
 
 
 @dataclass(frozen=True)
@@ -58,35 +226,43 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self):
+        self.validate()
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """Build from a nested dict such as {"unet": {...}, "vae": {...}, "text": {...}}; missing fields keep SD1.x values."""
+        """Build from a nested dict such as {"unet": {...}, "vae": {...}, "text": {...}, "prediction_type": "..."};
+        missing fields keep SD1.x values."""
         if not isinstance(d, dict):
-            raise ValueError(f"model config must be a dict of parts, got {type(d).__name__}")
-        unknown = set(d) - set(_PARTS)
+            raise ValueError(f"model config must be a dict of parts ({', '.join(PARTS)}); got {_describe(d)}")
+        unknown = [str(k) for k in d if k not in PARTS and k != "prediction_type"]
         if unknown:
-            raise ValueError(f"unknown model config part(s) {sorted(unknown)}; expected {sorted(_PARTS)}")
-        parts = {}
-        for name, part_cls in _PARTS.items():
-            values = d.get(name) or {}
-            names = {f.name for f in dataclasses.fields(part_cls)}
-            bad = set(values) - names
+            raise ValueError(f"unknown model config part(s) {sorted(unknown)}; expected {sorted(PARTS)} "
+                             "and prediction_type")
+        parts = {"prediction_type": d["prediction_type"]} if "prediction_type" in d else {}
+        for name, part_cls in PARTS.items():
+            values = d.get(name)
+            values = {} if values is None else values
+            if not isinstance(values, dict):
+                raise ValueError(f"model config part {name!r} must be a dict of fields; got {_describe(values)}")
+            bad = [str(k) for k in values if k not in LIMITS[name]]
             if bad:
                 raise ValueError(f"unknown field(s) {sorted(bad)} in model config part {name!r}")
-            values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
             parts[name] = part_cls(**values)
-        config = cls(**parts)
-        config.validate()
-        return config
+        return cls(**parts)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            d = read_json(path)
+        except ValueError as e:
             raise ValueError(f"cannot read model config {path}: {e}") from None
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"model config {path}: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,20 +271,53 @@ class ModelConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def validate(self) -> None:
+        """The rules between fields (each field on its own is checked when its part is made)."""
+        for name, part_cls in PARTS.items():
+            if not isinstance(getattr(self, name), part_cls):
+                raise ValueError(f"model config part {name!r} must be a {part_cls.__name__}; "
+                                 f"got {_describe(getattr(self, name))}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; "
+                             f"got {_describe(self.prediction_type)}")
         u, v, t = self.unet, self.vae, self.text
-        if u.model_channels % u.num_heads:
-            raise ValueError(f"unet.model_channels {u.model_channels} is not divisible by num_heads {u.num_heads}")
+        for where, base, mults in (("unet", u.model_channels, u.channel_mult), ("vae", v.ch, v.ch_mult)):
+            if base * max(mults) > MAX_CHANNELS:
+                raise ValueError(f"{where}'s widest level has {base * max(mults)} channels; at most {MAX_CHANNELS}")
+        if (u.num_heads == -1) == (u.num_head_channels == -1):
+            raise ValueError(
+                f"give the UNet's attention either num_heads or num_head_channels, the other -1; "
+                f"got num_heads={u.num_heads}, num_head_channels={u.num_head_channels}"
+            )
+        heads = ("num_heads", u.num_heads) if u.num_head_channels == -1 else ("num_head_channels", u.num_head_channels)
         for m in u.channel_mult:
-            if (m * u.model_channels) % u.norm_groups:
-                raise ValueError(f"unet channels {m * u.model_channels} not divisible by norm_groups {u.norm_groups}")
+            ch = m * u.model_channels
+            if ch % u.norm_groups:
+                raise ValueError(f"unet channels {ch} not divisible by norm_groups {u.norm_groups}")
+            if ch % heads[1]:
+                raise ValueError(f"unet channels {ch} not divisible by {heads[0]} {heads[1]}")
+        levels = [2**i for i in range(len(u.channel_mult))]
+        if any(r not in levels for r in u.attention_resolutions):
+            raise ValueError(f"unet.attention_resolutions {list(u.attention_resolutions)} must be downsampling factors "
+                             f"of the UNet's {len(levels)} levels, {levels}")
+        if u.out_channels != u.in_channels:
+            raise ValueError(f"unet.out_channels {u.out_channels} differs from in_channels {u.in_channels}: the UNet "
+                             "predicts noise of the latents' shape")
         for m in v.ch_mult:
             if (m * v.ch) % v.norm_groups:
                 raise ValueError(f"vae channels {m * v.ch} not divisible by norm_groups {v.norm_groups}")
         if t.hidden_size % t.num_attention_heads:
             raise ValueError(f"text.hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_attention_heads}")
-        if t.hidden_act not in ("quick_gelu", "gelu"):
-            raise ValueError(f"text.hidden_act {t.hidden_act!r} is not supported (quick_gelu, gelu)")
         if u.context_dim != t.hidden_size:
             raise ValueError(f"unet.context_dim {u.context_dim} differs from text.hidden_size {t.hidden_size}")
         if u.in_channels != v.embed_dim:
             raise ValueError(f"unet.in_channels {u.in_channels} differs from vae.embed_dim {v.embed_dim}")
+
+
+# SD 2.x: OpenCLIP ViT-H/14's text tower up to its penultimate block (23 of 24), GELU, padding with "!" (id 0);
+# UNet heads 64 wide, Linear projections, 1024-wide context. SD2 is the 512 model, SD2_V the 768 v-prediction one.
+SD2 = ModelConfig(
+    unet=UNetConfig(num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
+    text=TextConfig(hidden_size=1024, num_hidden_layers=23, num_attention_heads=16, intermediate_size=4096,
+                    hidden_act="gelu", pad_token="!"),
+)
+SD2_V = dataclasses.replace(SD2, unet=dataclasses.replace(SD2.unet, sample_size=96), prediction_type="v_prediction")

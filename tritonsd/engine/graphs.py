@@ -8,9 +8,14 @@ buffers are returned. Those buffers are overwritten by the next replay of the sa
 
 All graphs of a cache allocate from one memory pool. Each graph's own inputs and outputs stay referenced by the
 cache, so no capture can reuse them; only intermediates, which are dead after every replay, are shared.
+
+A cache keeps at most MAX_GRAPHS graphs: capturing one more drops the least recently replayed, and with it the
+buffers it holds (an output a caller still holds stays valid). An image size takes three or four (text encoder, denoising step, VAE decode; a sampler
+that adds noise or carries a previous prediction has its own step), so about two sizes stay captured at once.
 """
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -24,10 +29,13 @@ def _signature(args: tuple) -> tuple:
     )
 
 
+MAX_GRAPHS = 8
+
+
 class GraphCache:
     def __init__(self):
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple, object]] = {}
+        self.pool = None
+        self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, tuple, object]] = OrderedDict()
 
     def __call__(self, name: str, fn: Callable, *args):
         """fn(*args) for CUDA tensor args, replayed from a graph. fn must not sync with the host, draw random
@@ -35,7 +43,10 @@ class GraphCache:
         key = (name, _signature(args))
         entry = self.graphs.get(key)
         if entry is None:
+            if len(self.graphs) >= MAX_GRAPHS:
+                self.graphs.popitem(last=False)
             entry = self.graphs[key] = self._capture(fn, args)
+        self.graphs.move_to_end(key)
         graph, static_args, static_out = entry
         for dst, src in zip(static_args, args):
             if isinstance(dst, torch.Tensor) and dst.data_ptr() != src.data_ptr():
@@ -43,7 +54,14 @@ class GraphCache:
         graph.replay()
         return static_out
 
+    def drop(self, which: Callable[[object], bool]) -> None:
+        """Forget the graphs whose name `which` selects, as when a tensor they read (not an argument) was replaced;
+        the next call captures again."""
+        self.graphs = {key: entry for key, entry in self.graphs.items() if not which(key[0])}
+
     def _capture(self, fn: Callable, args: tuple):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         static_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
         # Eager runs first, on a side stream as capture requires: one under `precompile`, which compiles all the
         # call's Triton kernels in parallel, then a real one, which lets cuBLAS and cuDNN set up their workspaces.

@@ -32,9 +32,10 @@ def conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def pointwise_conv_as_linear(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1 convolution applied to [B, L, C] rows: one matrix product with the bias in its epilogue."""
-    return F.linear(x, conv.weight.flatten(1), conv.bias)
+def pointwise(layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution (or a Linear layer) applied to [B, L, C] rows: one matrix product with the bias in its
+    epilogue."""
+    return F.linear(x, layer.weight.flatten(1), layer.bias)
 
 
 def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:

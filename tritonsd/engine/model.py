@@ -1,4 +1,5 @@
-"""The three networks of SD1.x in one module, so that one state dict (unet.*, vae.*, text_encoder.*) holds them all."""
+"""The three networks of SD 1.x and 2.x in one module, so that one state dict (unet.*, vae.*, text_encoder.*) holds them
+all."""
 
 import torch
 from torch import nn
@@ -12,7 +13,6 @@ from tritonsd.engine.vae import VAE
 class StableDiffusion(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        config.validate()
         self.config = config
         self.unet = UNet(config.unet)
         self.vae = VAE(config.vae)

@@ -3,24 +3,31 @@ StableDiffusionImg2ImgPipeline, so the same seed gives the same image."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from tritonsd import kernels
+from tritonsd.engine import memory
 from tritonsd.engine.config import ModelConfig
 from tritonsd.engine.graphs import GraphCache
 from tritonsd.engine.lora import CheckpointBase, CopiedBase, LoraSet, extract_lora_tags, find_lora
 from tritonsd.engine.model import StableDiffusion
-from tritonsd.engine.samplers import SamplerPlan, make_plan
+from tritonsd.engine.prompts import PromptTokenizer, encode_chunks
+from tritonsd.engine.samplers import C_IN, COEFFICIENTS, TIMESTEP, SamplerPlan, with_prediction_type
+from tritonsd.engine.settings import (
+    Settings, SettingError, check_config, check_device, check_dtype, check_path, prompt_lists, read_image,
+)
+from tritonsd.engine.text_encoder import check_clip_skip
 from tritonsd.engine.tokenizer import CLIPTokenizer
 from tritonsd.loader.formats import CheckpointError
 
-OUTPUT_TYPES = ("pil", "np", "latent")
+
+class NonFiniteError(ValueError):
+    """A stage of a generation gave NaN or Inf values."""
 
 
 class Pipeline:
@@ -32,6 +39,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.unet, self.vae, self.text_encoder = model.unet, model.vae, model.text_encoder
         self.config: ModelConfig = model.config
+        self.prompt_tokenizer = PromptTokenizer(tokenizer, self.config.text.vocab_size)
         # Pixels per latent: the VAE halves the size at every level but the last.
         self.vae_scale = 2 ** (len(self.config.vae.ch_mult) - 1)
         self.default_size = self.config.unet.sample_size * self.vae_scale
@@ -47,14 +55,19 @@ class Pipeline:
     @classmethod
     def from_checkpoint(
         cls, path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-        config: ModelConfig | None = None, vae: str | Path | None = None, lora_dirs=(),
+        config: ModelConfig | None = None, prediction_type: str | None = None, vae: str | Path | None = None,
+        lora_dirs=(),
     ) -> "Pipeline":
         """Load an original single-file checkpoint, a diffusers folder or a tritonsd file (the demo model if no path),
-        with the VAE of a separate file if given. lora_dirs: folders where <lora:NAME> prompt tags find NAME.*"""
+        with the VAE of a separate file if given. prediction_type ("epsilon" or "v_prediction") overrides what the
+        checkpoint says its UNet predicts. lora_dirs: folders where <lora:NAME> prompt tags find NAME.*"""
         from tritonsd import loader
 
-        path = loader.default_model() if path is None else path
-        model, tokenizer = loader.load(path, device=device, dtype=dtype, config=config)
+        path = loader.default_model() if path is None else check_path("path", path)
+        check_device(device)
+        check_dtype(dtype)
+        check_config(config)
+        model, tokenizer = loader.load(path, device=device, dtype=dtype, config=config, prediction_type=prediction_type)
         pipe = cls(model, tokenizer, checkpoint=path, lora_dirs=lora_dirs)
         if vae is not None:
             pipe.load_vae(vae)
@@ -132,14 +145,38 @@ class Pipeline:
         return self.unet.out[2].weight.dtype
 
     @torch.inference_mode()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        return self._run("text", self.text_encoder, self.tokenizer(prompts).to(self.device)).clone()
+    def encode_prompt(self, prompt: str | list[str], clip_skip: int = 1) -> torch.Tensor:
+        """What the UNet attends to: [B, 77 * n, hidden] in the model dtype, for prompts in AUTOMATIC1111's syntax
+        (tritonsd.engine.prompts), n the most chunks any of them takes; shorter prompts end in the empty prompt's
+        chunk."""
+        texts, _ = prompt_lists(prompt, "")
+        check_clip_skip(clip_skip, self.config.text.num_hidden_layers)
+        batch = [self.prompt_tokenizer.chunks(text) for text in texts]
+        context = encode_chunks(
+            batch, self.prompt_tokenizer.empty,
+            lambda ids: self._run("text", self.text_encoder, ids.to(self.device), clip_skip),
+        )
+        return _finite(context, "text encoder")
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Read a textual-inversion embedding (A1111's .pt or .safetensors, diffusers' learned_embeds) and return the
+        word that names it in prompts: `token`, or else the file's name without its suffix."""
+        from tritonsd.loader.embeddings import read_embedding
+
+        vectors = read_embedding(path, self.config.text.hidden_size)
+        name = Path(path).stem if token is None else token
+        self.prompt_tokenizer.add_embedding(name, vectors)
+        self.text_encoder.embeddings.extra = self.prompt_tokenizer.table.to(self.device, self.dtype)
+        if self._graphs is not None:
+            # The captured text-encoder graphs read the table that was just replaced.
+            self._graphs.drop(lambda graph: graph[0] == "text")
+        return name
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [B, 4, h, w] -> images [B, 3, H, W] in [0, 1], float32."""
         image = self._run("decode", self.vae.decode, (latents / self.vae.scaling_factor).to(self.dtype))
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return (_finite(image, "VAE decode").float() / 2 + 0.5).clamp(0, 1)
 
     def release_cuda_graphs(self) -> None:
         """Drop the captured CUDA graphs and the memory they hold; the next call at each size captures again."""
@@ -154,55 +191,83 @@ class Pipeline:
             self._graphs = GraphCache()
         return self._graphs((name, kernels.current_mode()), fn, *args)
 
-    @torch.inference_mode()
     def txt2img(
         self, prompt: str | list[str], negative_prompt: str | list[str] = "", steps: int = 30, guidance_scale: float = 7.5,
         sampler: str = "euler", seed: int | None = None, width: int | None = None, height: int | None = None,
-        batch_size: int = 1, output_type: str = "pil", progress: bool = False,
+        batch_size: int = 1, output_type: str = "pil", progress: bool = False, clip_skip: int = 1,
     ):
-        """width and height default to the size the model was trained at (512 for SD1.x)."""
-        prompts, negatives = _prompt_lists(prompt, negative_prompt)
-        width = self.default_size if width is None else width
-        height = self.default_size if height is None else height
-        for name, size in (("width", width), ("height", height)):
-            if not isinstance(size, int) or size <= 0 or size % 8:
-                raise ValueError(f"{name} must be a positive multiple of 8, got {size!r}")
-        _check_common(batch_size, guidance_scale, output_type)
-        plan = make_plan(sampler, steps)
-        generator = _generator(seed)
-        prompts, loras = self._prompt_loras(prompts, negatives)
-        with self._loras.temporarily(loras):
-            context = self._context(prompts, negatives, batch_size, guidance_scale)
-            shape = (len(prompts) * batch_size, self.config.unet.in_channels, height // self.vae_scale, width // self.vae_scale)
-            latents = torch.randn(shape, generator=generator, dtype=torch.float32) * plan.init_scale
-            latents = self._denoise(latents.to(self.device), context, plan, guidance_scale, generator, progress)
-        return self._output(latents, output_type)
+        """width and height default to the size the model was trained at (512 for SD 1.x, 768 for SD 2.x v-models)."""
+        settings = Settings(
+            prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
+            width=width, height=height, batch_size=batch_size, output_type=output_type, clip_skip=clip_skip,
+        )
+        return self.generate(settings, progress=progress)
 
-    @torch.inference_mode()
     def img2img(
         self, image, prompt: str | list[str], strength: float = 0.8, negative_prompt: str | list[str] = "", steps: int = 30,
         guidance_scale: float = 7.5, sampler: str = "euler", seed: int | None = None, batch_size: int = 1,
-        output_type: str = "pil", progress: bool = False,
+        output_type: str = "pil", progress: bool = False, clip_skip: int = 1,
     ):
-        prompts, negatives = _prompt_lists(prompt, negative_prompt)
-        _check_common(batch_size, guidance_scale, output_type)
-        plan = make_plan(sampler, steps, strength)
-        pixels = _image_tensor(image, self.vae_scale).to(self.device, self.dtype)
-        generator = _generator(seed)
-        prompts, loras = self._prompt_loras(prompts, negatives)
-        with self._loras.temporarily(loras):
-            context = self._context(prompts, negatives, batch_size, guidance_scale)
-            mean, logvar = self.vae.encode(pixels)
-            sample = mean.float() + torch.exp(0.5 * logvar.float()) * torch.randn(mean.shape, generator=generator).to(self.device)
-            init = (self.vae.scaling_factor * sample).repeat(len(prompts) * batch_size, 1, 1, 1)
-            noise = torch.randn(init.shape, generator=generator).to(self.device)
-            p, q = plan.add_noise
-            latents = self._denoise(p * init + q * noise, context, plan, guidance_scale, generator, progress)
-        return self._output(latents, output_type)
+        settings = Settings(
+            prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
+            batch_size=batch_size, strength=strength, output_type=output_type, clip_skip=clip_skip,
+        )
+        return self.generate(settings, image, progress=progress)
 
-    def _context(self, prompts: list[str], negatives: list[str], batch_size: int, guidance_scale: float) -> torch.Tensor:
+    def check(self, settings: Settings, image=None) -> None:
+        """Raise what `generate(settings, image)` would refuse before starting: an image without a strength or the
+        reverse, an unreadable or oversized image, or a memory estimate that does not fit."""
+        self._prepare(settings, image)
+
+    def _prepare(self, settings: Settings, image) -> tuple[Image.Image | None, int, int]:
+        """(img2img's picture or None, width, height) of a run that has passed `check`."""
+        picture = None
+        if settings.strength is None:
+            if image is not None:
+                raise SettingError("image", "is given but strength is not; img2img needs both")
+            width = self.default_size if settings.width is None else settings.width
+            height = self.default_size if settings.height is None else settings.height
+        else:
+            picture = read_image(image)
+            # Sized down to multiples of the VAE's factor (8 for SD 1.x), as diffusers does.
+            width, height = (side - side % self.vae_scale for side in picture.size)
+            if width == 0 or height == 0:
+                raise SettingError("image", f"of size {picture.size} is smaller than {self.vae_scale}x{self.vae_scale} pixels")
+        memory.check(memory.estimate(self.config, self.device, self.dtype, settings, width, height), self.device)
+        return picture, width, height
+
+    @torch.inference_mode()
+    def generate(self, settings: Settings, image=None, progress: bool = False):
+        """Run `settings`: txt2img, or img2img of `image` when settings.strength is set. What `check` refuses is
+        refused before any work; a stage that gives NaN or Inf raises NonFiniteError naming it."""
+        picture, width, height = self._prepare(settings, image)
+        plan = with_prediction_type(settings.plan, self.config.prediction_type)
+        generator = torch.Generator("cpu").manual_seed(settings.seed)
+        negatives = list(settings.negative_prompts)
+        prompts, loras = self._prompt_loras(list(settings.prompts), negatives)
+        # The prompts' <lora:...> tags change the weights for this call only; the VAE is never touched by one.
+        with self._loras.temporarily(loras):
+            context = self._context(prompts, negatives, settings.batch_size, settings.guidance_scale, settings.clip_skip)
+            if settings.strength is None:
+                shape = (settings.images, self.config.unet.in_channels, height // self.vae_scale, width // self.vae_scale)
+                latents = torch.randn(shape, generator=generator, dtype=torch.float32) * plan.init_scale
+                latents = latents.to(self.device)
+            else:
+                pixels = _pixels(picture, width, height).to(self.device, self.dtype)
+                mean, logvar = self.vae.encode(pixels)
+                sample = mean.float() + torch.exp(0.5 * logvar.float()) * torch.randn(mean.shape, generator=generator).to(self.device)
+                init = _finite(self.vae.scaling_factor * sample, "VAE encode").repeat(settings.images, 1, 1, 1)
+                noise = torch.randn(init.shape, generator=generator).to(self.device)
+                p, q = plan.add_noise
+                latents = p * init + q * noise
+            latents = self._denoise(latents, context, plan, settings.guidance_scale, generator, progress)
+        return self._output(_finite(latents, "UNet sampling"), settings.output_type)
+
+    def _context(
+        self, prompts: list[str], negatives: list[str], batch_size: int, guidance_scale: float, clip_skip: int,
+    ) -> torch.Tensor:
         texts = negatives + prompts if guidance_scale > 1.0 else prompts
-        return self.encode_prompt(texts).repeat_interleave(batch_size, dim=0)
+        return self.encode_prompt(texts, clip_skip).repeat_interleave(batch_size, dim=0)
 
     def _denoise(
         self, latents: torch.Tensor, context: torch.Tensor, plan: SamplerPlan, guidance_scale: float,
@@ -213,8 +278,7 @@ class Pipeline:
         (nothing else draws in between). A plan that adds noise at some steps gets zeros at the others (s = 0
         there), so every step runs the same code and, on CUDA, replays one graph."""
         guided = guidance_scale > 1.0
-        schedule = torch.cat([plan.timesteps[:, None], plan.c_in[:, None], plan.coef], dim=1)
-        schedule = schedule.to(self.device, torch.float32)
+        schedule = plan.schedule().to(self.device, torch.float32)
         guidance = torch.full((1,), guidance_scale, dtype=torch.float32, device=self.device) if guided else None
         extra = torch.zeros_like(latents) if plan.uses_extra else None
         noise = None
@@ -232,9 +296,9 @@ class Pipeline:
     def _step(self, x: torch.Tensor, extra, noise, context: torch.Tensor, guidance, row: torch.Tensor):
         """One denoising step: the UNet on the scaled latents (twice stacked under guidance), then guidance and the
         sampler update in one kernel. Latents stay float32; the UNet sees the model dtype."""
-        x_in = (x * row[1]).to(self.dtype)
-        out = self.unet(torch.cat([x_in, x_in]) if guidance is not None else x_in, row[0], context)
-        return kernels.guided_step(out, x, row[2:], guidance, extra, noise)
+        x_in = (x * row[C_IN]).to(self.dtype)
+        out = self.unet(torch.cat([x_in, x_in]) if guidance is not None else x_in, row[TIMESTEP], context)
+        return kernels.guided_step(out, x, row[COEFFICIENTS], guidance, extra, noise)
 
     def _output(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
@@ -245,62 +309,18 @@ class Pipeline:
         return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in image]
 
 
-def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
-    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-    if not isinstance(negatives, (list, tuple)) or not all(isinstance(n, str) for n in negatives):
-        raise ValueError(f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}")
-    if len(negatives) != len(prompts):
-        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt or a single string")
-    return list(prompts), list(negatives)
+def _finite(x: torch.Tensor, stage: str) -> torch.Tensor:
+    """x, if every value is finite. One host sync per stage, never per step."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(
+            f"NaN or Inf values after the {stage}: the model's weights (or its VAE scaling factor) hold some, or its "
+            "arithmetic overflowed (in float16, float32 may help)"
+        )
+    return x
 
 
-def _check_common(batch_size: int, guidance_scale: float, output_type: str) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
-
-
-def _generator(seed: int | None) -> torch.Generator:
-    """One CPU generator for every draw, as diffusers with a CPU generator: the same seed gives the same image on any device."""
-    if seed is None:
-        seed = random.randrange(2**63)
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    return torch.Generator("cpu").manual_seed(seed)
-
-
-def _image_tensor(image, multiple: int) -> torch.Tensor:
-    """A PIL image, a path or an HWC array -> [1, 3, H, W] in [-1, 1], sized down to multiples of the VAE's
-    downsampling factor (8 for SD1.x) as diffusers does."""
-    if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as f:
-                f.load()
-                image = f.copy()
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"cannot read image {str(image)!r}: {e}") from None
-    elif isinstance(image, np.ndarray):
-        array = image
-        if array.ndim == 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-            raise ValueError(f"image array must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
-        if array.dtype != np.uint8:
-            array = (np.clip(array.astype(np.float64), 0.0, 1.0) * 255).round().astype(np.uint8)
-        image = Image.fromarray(array)
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"image must be a PIL image, a path or a numpy array, got {type(image).__name__}")
-    image = image.convert("RGB")
-    w, h = image.size
-    w, h = w - w % multiple, h - h % multiple
-    if w == 0 or h == 0:
-        raise ValueError(f"image of size {image.size} is smaller than {multiple}x{multiple} pixels")
-    image = image.resize((w, h), resample=Image.LANCZOS)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+def _pixels(picture: Image.Image, width: int, height: int) -> torch.Tensor:
+    """An RGB picture -> [1, 3, height, width] in [-1, 1]."""
+    picture = picture.resize((width, height), resample=Image.LANCZOS)
+    x = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     return 2.0 * x - 1.0

@@ -1,26 +1,38 @@
 """Samplers as plans. Every sampler SD 1.x uses is, per step, linear in the latent x, the guided noise
 prediction eps, one carried tensor (DPM++'s previous x0 prediction) and fresh noise. So a whole run is worked
-out up front on the host in float64 as per-step coefficients (a, b, c, s, d, e):
+out up front on the host in float64 as per-step coefficients (StepCoefficients a, b, c, s, d, e):
 
     x_next     = a*x + b*eps + c*extra + s*noise
     extra_next = d*x + e*eps
 
 and the GPU loop is one fused step per UNet call with no host-device sync. Each sampler reproduces the
 diffusers scheduler built from SD 1.x's scheduler config (scaled_linear betas, steps_offset=1,
-set_alpha_to_one=False) with that scheduler's defaults, and img2img truncation follows diffusers'
-StableDiffusionImg2ImgPipeline.get_timesteps."""
+set_alpha_to_one=False; SD 2.x's is the same) with that scheduler's defaults, and img2img truncation follows
+diffusers' StableDiffusionImg2ImgPipeline.get_timesteps.
+
+A v-prediction model's output v is itself linear in what the model sees, so it changes only the coefficients:
+the model reads x_in = c_in*x, the noisy latent at noise level alphā (x_in = sqrt(alphā)*x0 + sqrt(1-alphā)*eps),
+and v = sqrt(alphā)*eps - sqrt(1-alphā)*x0 gives eps = sqrt(1-alphā)*x_in + sqrt(alphā)*v. Substituting that
+eps into a step's rows makes them rows in x and v, and the fused step runs unchanged."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+from tritonsd.engine.config import PREDICTION_TYPES
+from tritonsd.kernels.guided_step import StepCoefficients
 
 NUM_TRAIN_TIMESTEPS = 1000
+
+# Columns of SamplerPlan.schedule(), a step's row as the sampling loop reads it on the device.
+TIMESTEP, C_IN = 0, 1
+COEFFICIENTS = slice(2, 2 + len(StepCoefficients._fields))
 
 
 def _train_schedule() -> tuple[np.ndarray, np.ndarray]:
@@ -36,22 +48,28 @@ ALPHAS_CUMPROD, TRAIN_SIGMAS = _train_schedule()
 
 @dataclass(frozen=True, eq=False)
 class SamplerPlan:
-    name: str
     timesteps: torch.Tensor  # float64 [n]: the UNet's timestep input per step
     c_in: torch.Tensor  # float64 [n]: the UNet sees x * c_in[i]
-    coef: torch.Tensor  # float64 [n, 6]: (a, b, c, s, d, e) per step
+    alpha_cumprod: torch.Tensor  # float64 [n]: the noise level alphā of what the UNet sees at step i
+    coef: torch.Tensor  # float64 [n, 6]: StepCoefficients per step, for the model's prediction type
     noise_steps: tuple[bool, ...]  # step i draws fresh noise (scaled by s)
     uses_extra: bool  # DPM++ carries the previous x0 prediction
     init_scale: float  # txt2img: x = randn * init_scale
     add_noise: tuple[float, float]  # img2img: x = p * x0 + q * noise before the first step
 
+    def schedule(self) -> torch.Tensor:
+        """float64 [n, 8]: each step's timestep, c_in and coefficients, in the columns TIMESTEP, C_IN, COEFFICIENTS."""
+        return torch.cat([self.timesteps[:, None], self.c_in[:, None], self.coef], dim=1)
 
-def _plan(name, timesteps, coef, *, c_in=None, noise_steps=None, uses_extra=False, init_scale=1.0, add_noise):
+
+def _plan(timesteps, coef: StepCoefficients, *, alpha_cumprod, c_in=None, noise_steps=None, uses_extra=False,
+          init_scale=1.0,
+          add_noise):
     n = len(timesteps)
     return SamplerPlan(
-        name=name,
         timesteps=torch.tensor(np.asarray(timesteps, dtype=np.float64)),
         c_in=torch.ones(n, dtype=torch.float64) if c_in is None else torch.tensor(c_in, dtype=torch.float64),
+        alpha_cumprod=torch.tensor(np.asarray(alpha_cumprod, dtype=np.float64)),
         coef=torch.tensor(np.stack(coef, axis=-1), dtype=torch.float64),
         noise_steps=(False,) * n if noise_steps is None else tuple(bool(v) for v in noise_steps),
         uses_extra=uses_extra,
@@ -80,15 +98,15 @@ def _ddpm(steps: int, start: int) -> SamplerPlan:
     std = np.sqrt(np.maximum((1 - a_prev) / (1 - a_t) * beta, 1e-20))
     noise_steps = ts > 0
     zero = np.zeros_like(a_t)
-    coef = (
-        x0_coef / np.sqrt(a_t) + x_coef,
-        -x0_coef * np.sqrt((1 - a_t) / a_t),
-        zero,
-        np.where(noise_steps, std, 0.0),
-        zero,
-        zero,
+    coef = StepCoefficients(
+        a=x0_coef / np.sqrt(a_t) + x_coef,
+        b=-x0_coef * np.sqrt((1 - a_t) / a_t),
+        c=zero,
+        s=np.where(noise_steps, std, 0.0),
+        d=zero,
+        e=zero,
     )
-    return _plan("ddpm", ts, coef, noise_steps=noise_steps, add_noise=_vp_add_noise(a_t[0]))
+    return _plan(ts, coef, alpha_cumprod=a_t, noise_steps=noise_steps, add_noise=_vp_add_noise(a_t[0]))
 
 
 def _ddim(steps: int, start: int) -> SamplerPlan:
@@ -100,7 +118,8 @@ def _ddim(steps: int, start: int) -> SamplerPlan:
     a = np.sqrt(a_prev / a_t)
     b = np.sqrt(1 - a_prev) - np.sqrt(a_prev * (1 - a_t) / a_t)
     zero = np.zeros_like(a_t)
-    return _plan("ddim", ts, (a, b, zero, zero, zero, zero), add_noise=_vp_add_noise(a_t[0]))
+    return _plan(ts, StepCoefficients(a=a, b=b, c=zero, s=zero, d=zero, e=zero), alpha_cumprod=a_t,
+                 add_noise=_vp_add_noise(a_t[0]))
 
 
 def _interp_sigmas(timesteps: np.ndarray) -> np.ndarray:
@@ -119,9 +138,9 @@ def _euler(steps: int, start: int, ancestral: bool) -> SamplerPlan:
         sigma_up = np.zeros_like(sigma)
     one, zero = np.ones_like(sigma), np.zeros_like(sigma)
     return _plan(
-        "euler_a" if ancestral else "euler",
         full[start:],
-        (one, sigma_next - sigma, zero, sigma_up, zero, zero),
+        StepCoefficients(a=one, b=sigma_next - sigma, c=zero, s=sigma_up, d=zero, e=zero),
+        alpha_cumprod=1 / (sigma**2 + 1),
         c_in=1 / np.sqrt(sigma**2 + 1),
         noise_steps=np.full(len(sigma), ancestral),
         init_scale=sigmas.max(),
@@ -154,7 +173,7 @@ def _dpmpp_2m(steps: int, start: int, karras: bool) -> SamplerPlan:
     # whose log-SNR is lambda = -log(sigma).
     alphas = 1 / np.sqrt(sigmas**2 + 1)
     n = len(full)
-    coef = np.zeros((n - start, 6))
+    coef = np.zeros((n - start, len(StepCoefficients._fields)))
     for row, i in enumerate(range(start, n)):
         s0, s_next = sigmas[i], sigmas[i + 1]
         alpha_s0, alpha_next = alphas[i], alphas[i + 1]
@@ -166,36 +185,84 @@ def _dpmpp_2m(steps: int, start: int, karras: bool) -> SamplerPlan:
         else:
             r = math.log(sigmas[i - 1] / s0) / math.log(s0 / s_next)
             x0_weight, prev_weight = phi * (1 + 0.5 / r), 0.5 * phi / r
-        coef[row] = (
-            s_next * alpha_next / (s0 * alpha_s0) - x0_weight / alpha_s0,
-            x0_weight * s0,
-            prev_weight,
-            0.0,
-            1 / alpha_s0,
-            -s0,
+        coef[row] = StepCoefficients(
+            a=s_next * alpha_next / (s0 * alpha_s0) - x0_weight / alpha_s0,
+            b=x0_weight * s0,
+            c=prev_weight,
+            s=0.0,
+            d=1 / alpha_s0,
+            e=-s0,
         )
     return _plan(
-        "dpmpp_2m_karras" if karras else "dpmpp_2m",
         full[start:],
-        tuple(coef.T),
+        StepCoefficients(*coef.T),
+        alpha_cumprod=alphas[start:-1] ** 2,
         uses_extra=True,
         add_noise=(alphas[start], sigmas[start] * alphas[start]),
     )
 
 
-_BUILDERS = {
-    "ddpm": _ddpm,
-    "ddim": _ddim,
-    "euler": lambda steps, start: _euler(steps, start, ancestral=False),
-    "euler_a": lambda steps, start: _euler(steps, start, ancestral=True),
-    "dpmpp_2m": lambda steps, start: _dpmpp_2m(steps, start, karras=False),
-    "dpmpp_2m_karras": lambda steps, start: _dpmpp_2m(steps, start, karras=True),
+@dataclass(frozen=True)
+class Sampler:
+    build: Callable[[int, int], SamplerPlan]  # (steps, first step kept) -> plan
+    a1111_name: str  # the name AUTOMATIC1111's web UI shows and writes in a PNG's parameters
+    a1111_schedule: str = "Uniform"  # its "Schedule type" (web UI 1.9+): how the steps are spaced
+
+
+# Every sampler, by id: the one table the API, the command line and the PNG parameters take names from.
+SAMPLERS = {
+    "ddpm": Sampler(_ddpm, "DDPM"),
+    "ddim": Sampler(_ddim, "DDIM"),
+    "euler": Sampler(lambda steps, start: _euler(steps, start, ancestral=False), "Euler"),
+    "euler_a": Sampler(lambda steps, start: _euler(steps, start, ancestral=True), "Euler a"),
+    "dpmpp_2m": Sampler(lambda steps, start: _dpmpp_2m(steps, start, karras=False), "DPM++ 2M"),
+    "dpmpp_2m_karras": Sampler(lambda steps, start: _dpmpp_2m(steps, start, karras=True), "DPM++ 2M", "Karras"),
 }
 
+# Since 1.9 the web UI writes "Schedule type" beside the sampler, and an "Automatic" one means the sampler's own
+# default: Karras for DPM++ 2M (sd_samplers_kdiffusion.py), the evenly spaced "Uniform" steps for the others. Before
+# 1.9 there was no schedule type: a bare name meant Uniform and Karras was part of the name ("DPM++ 2M Karras").
+_A1111_AUTOMATIC = {"DPM++ 2M": "Karras"}
 
-def make_plan(sampler: str, steps: int, strength: float = 1.0) -> SamplerPlan:
-    """The whole run of `sampler` over `steps` steps; strength < 1 keeps only the last steps (img2img)."""
-    if sampler not in _BUILDERS:
+
+def a1111_fields(sampler: str) -> dict[str, str]:
+    """The `Sampler` (and, where a reader could take another schedule, `Schedule type`) fields naming a sampler."""
+    s = SAMPLERS[sampler]
+    if s.a1111_name in _A1111_AUTOMATIC or s.a1111_schedule != "Uniform":
+        return {"Sampler": s.a1111_name, "Schedule type": s.a1111_schedule}
+    return {"Sampler": s.a1111_name}
+
+
+def from_a1111(name: str, schedule: str | None = None) -> str | None:
+    """The sampler id for a PNG's `Sampler` and `Schedule type` fields, from any web UI version; None if there is none."""
+    if name.endswith(" Karras"):
+        name, schedule = name.removesuffix(" Karras"), "Karras"
+    if schedule is None:
+        schedule = "Uniform"
+    elif schedule == "Automatic":
+        schedule = _A1111_AUTOMATIC.get(name, "Uniform")
+    return next((id for id, s in SAMPLERS.items() if (s.a1111_name, s.a1111_schedule) == (name, schedule)), None)
+
+
+def with_prediction_type(plan: SamplerPlan, prediction_type: str) -> SamplerPlan:
+    """The plan for a model of this prediction type. For v-prediction, its rows in x and v instead of x and eps:
+    eps = p*x + q*v with p = c_in*sqrt(1-alphā), q = sqrt(alphā) (module docstring), so each row's x weight gains its
+    eps weight times p and its eps weight is multiplied by q."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
+    if prediction_type == "epsilon":
+        return plan
+    p = plan.c_in * (1 - plan.alpha_cumprod).sqrt()
+    q = plan.alpha_cumprod.sqrt()
+    k = StepCoefficients(*plan.coef.unbind(1))
+    coef = StepCoefficients(a=k.a + k.b * p, b=k.b * q, c=k.c, s=k.s, d=k.d + k.e * p, e=k.e * q)
+    return dataclasses.replace(plan, coef=torch.stack(coef, dim=1))
+
+
+def make_plan(sampler: str, steps: int, strength: float = 1.0, prediction_type: str = "epsilon") -> SamplerPlan:
+    """The whole run of `sampler` over `steps` steps; strength < 1 keeps only the last steps (img2img).
+    prediction_type is the model's: "epsilon" or "v_prediction"."""
+    if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
     # With steps_offset=1, DDPM/DDIM's leading spacing would step past the last training timestep at 1000 steps.
     if not 1 <= steps < NUM_TRAIN_TIMESTEPS:
@@ -208,4 +275,4 @@ def make_plan(sampler: str, steps: int, strength: float = 1.0) -> SamplerPlan:
             f"strength {strength} with {steps} steps leaves no denoising step; "
             f"steps * strength must be at least 1"
         )
-    return _BUILDERS[sampler](steps, steps - kept)
+    return with_prediction_type(SAMPLERS[sampler].build(steps, steps - kept), prediction_type)

@@ -1,4 +1,8 @@
-"""The CLIP text tower (ViT-L/14's in SD1.x). Module names follow HF's CLIPTextModel without the text_model. prefix."""
+"""The CLIP text tower: OpenAI's ViT-L/14 in SD 1.x; in SD 2.x OpenCLIP's ViT-H/14 up to its penultimate block, whose
+output takes the final layer norm (the last block is never run, so it is not built). Module names follow HF's
+CLIPTextModel without the text_model. prefix."""
+
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +22,24 @@ def _embedding(n: int, dim: int) -> nn.Embedding:
 
 
 class Embeddings(nn.Module):
+    """Token and position embeddings. Ids past the vocabulary select rows of `extra`, the vectors of textual-inversion
+    embeddings, so a prompt stays a tensor of ids whatever embeddings it names."""
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.token_embedding = _embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = _embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        # Not in the state dict: checkpoints never hold it, and the loader builds the model on the meta device.
+        self.register_buffer("extra", None, persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+        if self.extra is None:
+            x = self.token_embedding(ids)
+        else:
+            vocab = self.token_embedding.num_embeddings
+            words = self.token_embedding(ids.clamp(max=vocab - 1))
+            x = torch.where((ids >= vocab)[..., None], F.embedding((ids - vocab).clamp(min=0), self.extra), words)
+        return x + self.position_embedding.weight[: ids.shape[1]]
 
 
 class SelfAttention(nn.Module):
@@ -78,11 +93,23 @@ class TextEncoder(nn.Module):
         self.encoder = Encoder(cfg)
         self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, L] -> hidden states after the final layer norm [B, L, hidden_size]."""
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """Token ids [B, L] -> hidden states after the final layer norm [B, L, hidden_size]. clip_skip n > 1 stops
+        n - 1 layers early and normalises that layer's output, as AUTOMATIC1111's "Clip skip" does; the layers
+        past it do not run."""
+        check_clip_skip(clip_skip, len(self.encoder.layers))
         if ids.shape[1] > self.embeddings.position_embedding.num_embeddings:
             raise ValueError(f"{ids.shape[1]} tokens exceed the text encoder's {self.embeddings.position_embedding.num_embeddings} positions")
         x = self.embeddings(ids)
-        for layer in self.encoder.layers:
+        for layer in self.encoder.layers[: len(self.encoder.layers) - clip_skip + 1]:
             x = layer(x)
         return self.final_layer_norm(x)
+
+
+def check_clip_skip(clip_skip, layers: int | None = None) -> None:
+    """clip_skip counts from the last layer (1); the first layer (clip_skip = layers) is the earliest there is.
+    Without a layer count only the lower bound is checked (the command line, before a model is loaded)."""
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, numbers.Integral) or clip_skip < 1:
+        raise ValueError(f"clip_skip must be an integer >= 1 (1 = the last layer), got {clip_skip!r}")
+    if layers is not None and clip_skip > layers:
+        raise ValueError(f"clip_skip {clip_skip} is past the text encoder's first layer: it has {layers} layers")

@@ -1,9 +1,9 @@
-"""CLIP's byte-level BPE tokenizer, the text front end of Stable Diffusion 1.x."""
+"""CLIP's byte-level BPE tokenizer, the text front end of Stable Diffusion 1.x and 2.x."""
 
+import copy
 import functools
 import gzip
 import html
-import json
 import logging
 import math
 import unicodedata
@@ -11,6 +11,8 @@ from pathlib import Path
 
 import regex
 import torch
+
+from tritonsd.engine.config import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +25,11 @@ _PATTERN = regex.compile(
     regex.IGNORECASE,
 )
 _WHITESPACE = regex.compile(r"\s+")
+# CLIP's vocab.json is 1.6 MB and merges.txt 0.5 MB; far larger files are not a tokenizer.
+MAX_TOKENIZER_BYTES = 16 << 20
+# Distinct words whose BPE ids are kept; beyond that the least recently used are dropped (a prompt of random text
+# cannot grow memory without bound). Real prompts draw on a few thousand words.
+BPE_CACHE_WORDS = 4096
 
 
 def _byte_symbols() -> list[str]:
@@ -76,12 +83,18 @@ def _check_prompt(prompt) -> None:
 
 class CLIPTokenizer:
     """Turns prompts into the [B, max_length] token ids that CLIP's text encoder reads:
-    BOS, the BPE ids, EOS, then padding. Stable Diffusion 1.x pads with EOS."""
+    BOS, the BPE ids, EOS, then padding: EOS for SD 1.x, "!" (id 0, OpenCLIP's padding) for SD 2.x."""
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int = 77):
         for special in (_BOS, _EOS):
             if special not in vocab:
                 raise ValueError(f"vocabulary has no {special!r} token")
+        # Every symbol a merge can produce needs an id, or encoding a word that reaches it would fail.
+        symbols = [*_BYTE_SYMBOLS, *(s + _WORD_END for s in _BYTE_SYMBOLS), *("".join(pair) for pair in merges)]
+        missing = [s for s in symbols if s not in vocab]
+        if missing:
+            raise ValueError(f"vocabulary lacks {len(missing)} symbol(s) the byte alphabet and merges produce, "
+                             f"such as {missing[0]!r}")
         if max_length < 2:
             raise ValueError(f"max_length must leave room for BOS and EOS, got {max_length}")
         self.vocab = dict(vocab)
@@ -91,7 +104,8 @@ class CLIPTokenizer:
         self.pad_id = self.eos_id
         self.max_length = max_length
         # Keyed by byte-symbol word; the specials are words of their own, never split.
-        self._cache = {_BOS: [self.bos_id], _EOS: [self.eos_id]}
+        self._specials = {_BOS: [self.bos_id], _EOS: [self.eos_id]}
+        self._cached_bpe = functools.lru_cache(maxsize=BPE_CACHE_WORDS)(self._merge)
 
     @classmethod
     @functools.cache
@@ -108,10 +122,23 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, path) -> "CLIPTokenizer":
-        """A diffusers/transformers tokenizer folder: vocab.json and merges.txt."""
+        """A diffusers/transformers tokenizer folder: vocab.json and merges.txt. Bad files are a ValueError naming
+        the file."""
         path = Path(path)
-        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-        lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+        try:
+            vocab = read_json(path / "vocab.json", MAX_TOKENIZER_BYTES)
+        except ValueError as e:
+            raise ValueError(f"{path / 'vocab.json'}: {e}") from None
+        if not (isinstance(vocab, dict) and all(isinstance(k, str) and type(v) is int and 0 <= v for k, v in vocab.items())):
+            raise ValueError(f"{path / 'vocab.json'}: must map each token (a string) to its id (an integer from 0)")
+        try:
+            with open(path / "merges.txt", "rb") as f:
+                data = f.read(MAX_TOKENIZER_BYTES + 1)
+            if len(data) > MAX_TOKENIZER_BYTES:
+                raise ValueError(f"larger than {MAX_TOKENIZER_BYTES >> 20} MiB")
+            lines = data.decode("utf-8").splitlines()
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{path / 'merges.txt'}: cannot read it ({e})") from None
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
         merges = []
@@ -122,10 +149,20 @@ class CLIPTokenizer:
             merges.append(pair)
         return cls(vocab, merges)
 
+    def with_pad_token(self, token: str) -> "CLIPTokenizer":
+        """This tokenizer padding with `token` instead (the model config's text.pad_token); itself if it already does."""
+        if token not in self.vocab:
+            raise ValueError(f"pad token {token!r} is not in the tokenizer's vocabulary")
+        if self.vocab[token] == self.pad_id:
+            return self
+        padded = copy.copy(self)  # the vocabulary, merges and BPE cache are shared, not copied
+        padded.pad_id = self.vocab[token]
+        return padded
+
     def _bpe(self, word: str) -> list[int]:
-        ids = self._cache.get(word)
-        if ids is not None:
-            return ids
+        return self._specials.get(word) or self._cached_bpe(word)
+
+    def _merge(self, word: str) -> list[int]:
         parts = [*word[:-1], word[-1] + _WORD_END]
         while len(parts) > 1:
             ranks = [self.ranks.get(pair, math.inf) for pair in zip(parts, parts[1:])]
@@ -142,9 +179,7 @@ class CLIPTokenizer:
                     merged.append(parts[i])
                     i += 1
             parts = merged
-        ids = [self.vocab[p] for p in parts]
-        self._cache[word] = ids
-        return ids
+        return [self.vocab[p] for p in parts]
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one prompt, without BOS/EOS and without truncation."""

@@ -1,5 +1,5 @@
-"""The SD1.x UNet. Module names mirror the original CompVis checkpoint (input_blocks.N.M, middle_block, output_blocks),
-so an original single-file checkpoint maps onto it by prefix alone."""
+"""The SD 1.x / 2.x UNet. Module names mirror the original CompVis checkpoint (input_blocks.N.M, middle_block,
+output_blocks), so an original single-file checkpoint maps onto it by prefix alone."""
 
 import math
 
@@ -9,7 +9,7 @@ from torch import nn
 
 from tritonsd import kernels
 from tritonsd.engine.config import UNetConfig
-from tritonsd.engine.layers import GroupNorm, LayerNorm, conv_without_bias, multihead_attention, pointwise_conv_as_linear
+from tritonsd.engine.layers import GroupNorm, LayerNorm, conv_without_bias, multihead_attention, pointwise
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -123,20 +123,22 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, ch: int, context_dim: int, heads: int, depth: int, groups: int):
+    def __init__(self, ch: int, context_dim: int, heads: int, depth: int, groups: int, linear: bool):
         super().__init__()
         self.norm = GroupNorm(groups, ch, eps=1e-6)
-        self.proj_in = nn.Conv2d(ch, ch, 1)
+        # SD 1.x projects with 1x1 convolutions, SD 2.x with Linear layers: the same map on each pixel, stored with
+        # or without the two unit dimensions.
+        self.proj_in = nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1)
         self.transformer_blocks = nn.ModuleList(TransformerBlock(ch, context_dim, heads) for _ in range(depth))
-        self.proj_out = nn.Conv2d(ch, ch, 1)
+        self.proj_out = nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        # [B, C, H, W] -> [B, HW, C] rows; a free view when x is channels_last. The 1x1 projections run on the rows.
-        y = pointwise_conv_as_linear(self.proj_in, self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))
+        # [B, C, H, W] -> [B, HW, C] rows; a free view when x is channels_last. The projections run on the rows.
+        y = pointwise(self.proj_in, self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))
         for block in self.transformer_blocks:
             y = block(y, context)
-        y = pointwise_conv_as_linear(self.proj_out, y)
+        y = pointwise(self.proj_out, y)
         return x + y.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -184,7 +186,7 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
 
         def attention(ch: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, cfg.context_dim, cfg.num_heads, cfg.transformer_depth, g)
+            return SpatialTransformer(ch, cfg.context_dim, cfg.heads(ch), cfg.transformer_depth, g, cfg.use_linear_in_transformer)
 
         self.input_blocks = nn.ModuleList([Step([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         skip_chs, ch, ds = [mc], mc, 1

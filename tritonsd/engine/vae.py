@@ -1,4 +1,5 @@
-"""The SD1.x VAE (KL autoencoder). Module names mirror the original CompVis checkpoint (encoder.down.N.block.M, ...)."""
+"""The SD 1.x and 2.x VAE (KL autoencoder; both use the same one). Module names mirror the original CompVis checkpoint
+(encoder.down.N.block.M, ...)."""
 
 import torch
 import torch.nn.functional as F

@@ -22,11 +22,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from .compat import tl, triton
 from .dispatch import INTERPRET, use_triton
-from .launch import launch
+from .launch import check_dtype, launch
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -175,16 +174,15 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                     scale: float | None = None, config: AttentionPlan | None = None) -> torch.Tensor:
-    """Launch the flash-attention kernel. q [B, H, Lq, D], k and v [B, H, Lk, D]; any strides. `config` overrides
+                     scale: float | None = None, tiles: AttentionPlan | None = None) -> torch.Tensor:
+    """Launch the flash-attention kernel. q [B, H, Lq, D], k and v [B, H, Lk, D]; any strides. `tiles` overrides
     `plan(D, Lk, dtype)` (for tile sweeps).
 
     The output is a [B, H, Lq, D] view of a contiguous [B, Lq, H, D] buffer (the layout SDPA's
     flash backend returns), so merging the heads afterwards is a free reshape.
     """
     _check_inputs(q, k, v)
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"attention_triton supports float16, bfloat16 and float32; got {q.dtype}")
+    check_dtype("attention", q)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if D > MAX_HEAD_DIM:
@@ -193,7 +191,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     if out.numel() == 0:
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    cfg = plan(D, Lk, q.dtype) if config is None else config
+    cfg = plan(D, Lk, q.dtype) if tiles is None else tiles
     # Batch, head and row strides (not the head-dim ones): divided by ALIGN when all allow it.
     outer = [st for t in (q, k, v, out) for st in t.stride()[:3]]
     align = 8 if all(st % 8 == 0 for st in outer) else 1

@@ -6,13 +6,14 @@ kernel reads each half once and writes the product once: three passes. Each prog
 BLOCK columns, so loads and stores are contiguous. gelu is the exact (erf) one, computed in float32.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from .compat import tl, triton
 from .dispatch import INTERPRET, use_triton
-from .launch import launch
+from .launch import check_dtype, launch
 
 
 @triton.jit
@@ -26,16 +27,26 @@ def _geglu_kernel(X, Y, I, stride_x, stride_y, BLOCK: tl.constexpr):
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _check_input(x: torch.Tensor) -> None:
+class GegluPlan(NamedTuple):
+    block: int  # columns per program
+    num_warps: int
+
+
+def plan(inner: int) -> GegluPlan:
+    """Up to 2048 columns of a row per program: contiguous runs long enough to keep the loads wide."""
+    block = min(triton.next_power_of_2(inner), 256 if INTERPRET else 2048)
+    return GegluPlan(block, 4 if block <= 1024 else 8)
+
+
+def _check_inputs(x: torch.Tensor) -> None:
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"geglu expects [..., 2*I] input (h and gate side by side); got shape {tuple(x.shape)}")
 
 
-def geglu_triton(x: torch.Tensor) -> torch.Tensor:
-    """Launch the kernel; the output is contiguous [..., I] in x's dtype."""
-    _check_input(x)
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"geglu_triton supports float16, bfloat16 and float32; got {x.dtype}")
+def geglu_triton(x: torch.Tensor, *, tiles: GegluPlan | None = None) -> torch.Tensor:
+    """Launch the kernel; the output is contiguous [..., I] in x's dtype. `tiles` overrides `plan(I)`."""
+    _check_inputs(x)
+    check_dtype("geglu", x)
     inner = x.shape[-1] // 2
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -43,17 +54,17 @@ def geglu_triton(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty((*x.shape[:-1], inner), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    block = min(triton.next_power_of_2(inner), 256 if INTERPRET else 2048)
+    cfg = plan(inner) if tiles is None else tiles
     launch(
-        _geglu_kernel, (rows.shape[0], triton.cdiv(inner, block)),
-        rows, y, inner, rows.stride(0), inner, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+        _geglu_kernel, (rows.shape[0], triton.cdiv(inner, cfg.block)),
+        rows, y, inner, rows.stride(0), inner, BLOCK=cfg.block, num_warps=cfg.num_warps,
     )
     return y
 
 
 def geglu_ref(x: torch.Tensor) -> torch.Tensor:
     """The eager split, gelu and product in (at least) float32, cast back to x's dtype."""
-    _check_input(x)
+    _check_inputs(x)
     h, gate = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
     return (h * F.gelu(gate)).to(x.dtype)
 

@@ -22,11 +22,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from .compat import tl, triton
 from .dispatch import INTERPRET, use_triton
-from .launch import launch
+from .launch import check_dtype, launch
 
 # Aim for at least this many programs per launch, and at least this many elements per program.
 TARGET_PROGRAMS = 1024
@@ -248,7 +247,7 @@ def _group_norm_nhwc_apply_kernel(
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-class Plan(NamedTuple):
+class GroupNormPlan(NamedTuple):
     block_c: int
     block_s: int
     s_chunk: int
@@ -256,7 +255,7 @@ class Plan(NamedTuple):
     num_warps: int
 
 
-def plan(n: int, c: int, s: int, num_groups: int, channels_last: bool, num_chunks: int | None = None) -> Plan:
+def plan(n: int, c: int, s: int, num_groups: int, channels_last: bool, num_chunks: int | None = None) -> GroupNormPlan:
     """Tiles and split for x [n, c, s]. NCHW programs take [BLOCK_C, BLOCK_S] tiles of one group, BLOCK_C
     dividing C/G exactly (the stats kernel's Welford update relies on it). channels_last programs take
     [BLOCK_S, BLOCK_C] tiles of whole pixels, BLOCK_C a power of two that divides C when one of at least 16
@@ -277,7 +276,7 @@ def plan(n: int, c: int, s: int, num_groups: int, channels_last: bool, num_chunk
         raise ValueError(f"num_chunks must be at least 1; got {num_chunks}")
     s_chunk = triton.cdiv(s_blocks, max(1, min(num_chunks, s_blocks))) * block_s
     num_warps = min(8, max(1, block_c * block_s // 256))
-    return Plan(block_c, block_s, s_chunk, triton.cdiv(s, s_chunk), num_warps)
+    return GroupNormPlan(block_c, block_s, s_chunk, triton.cdiv(s, s_chunk), num_warps)
 
 
 def _check_inputs(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
@@ -301,12 +300,12 @@ def _check_inputs(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: 
 
 def group_norm_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
                       eps: float = 1e-5, silu: bool = False, shift: torch.Tensor | None = None, *,
-                      num_chunks: int | None = None) -> torch.Tensor:
-    """Launch the GroupNorm kernels for x's memory layout. `num_chunks` overrides the split of the spatial
-    range (it is capped at the number of spatial tiles); by default it is chosen from the sizes."""
+                      tiles: GroupNormPlan | None = None) -> torch.Tensor:
+    """Launch the GroupNorm kernels for x's memory layout. `tiles` overrides `plan(N, C, S, num_groups,
+    channels_last)`, which must be taken for x's sizes and layout (its `num_chunks` sets the split of the
+    spatial range)."""
     _check_inputs(x, num_groups, weight, bias, shift)
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"group_norm_triton supports float16, bfloat16 and float32; got {x.dtype}")
+    check_dtype("group_norm", x)
     if not (x.is_contiguous() or x.movedim(1, -1).is_contiguous()):
         x = x.contiguous()
     y = torch.empty_like(x)
@@ -316,7 +315,7 @@ def group_norm_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bi
     S = x[0, 0].numel()
     cg = C // num_groups
     channels_last = x.stride(1) == 1 and C > 1
-    cfg = plan(N, C, S, num_groups, channels_last, num_chunks)
+    cfg = plan(N, C, S, num_groups, channels_last) if tiles is None else tiles
     # Without a shift, weight stands in for its pointer; HAS_SHIFT keeps it unread.
     shift_arg, stride_shift = (shift, shift.stride(0)) if shift is not None else (weight, 0)
     has_shift = shift is not None

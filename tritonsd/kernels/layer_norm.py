@@ -13,11 +13,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from .compat import tl, triton
 from .dispatch import INTERPRET, use_triton
-from .launch import launch
+from .launch import check_dtype, launch
 
 
 @triton.jit
@@ -69,11 +68,11 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, res
 
 
 def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
-                      residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel; outputs are contiguous, in x's dtype."""
+                      residual: torch.Tensor | None = None, *, tiles: LayerNormPlan | None = None
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel; outputs are contiguous, in x's dtype. `tiles` overrides `plan(rows, N)`."""
     _check_inputs(x, weight, bias, residual)
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"layer_norm_triton supports float16, bfloat16 and float32; got {x.dtype}")
+    check_dtype("layer_norm", x)
     n = x.shape[-1]
     rows = x.reshape(-1, n) if x.stride(-1) == 1 else x.contiguous().reshape(-1, n)
     res = rows if residual is None else (residual if residual.stride(-1) == 1 else residual.contiguous()).reshape(-1, n)
@@ -81,7 +80,7 @@ def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     total = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else y
     if y.numel():
         m = rows.shape[0]
-        cfg = plan(m, n)
+        cfg = plan(m, n) if tiles is None else tiles
         # Without a residual, x and y stand in for its pointers; HAS_RESIDUAL keeps them unused.
         launch(
             _layer_norm_kernel, (triton.cdiv(m, cfg.block_m),),

@@ -1,26 +1,37 @@
-"""Loading Stable Diffusion 1.x checkpoints in the formats people have, and saving the engine's own.
+"""Loading Stable Diffusion 1.x and 2.x checkpoints in the formats people have, and saving the engine's own.
 
 Formats: "single_file" (an original CompVis checkpoint: .safetensors, or a .ckpt/.pt/.pth pickle read weights-only),
 "diffusers" (a folder with unet/, vae/, text_encoder/ and maybe tokenizer/), and "tritonsd" (a safetensors file in
 the engine's names whose metadata holds its ModelConfig).
+
+What the UNet predicts (noise or v) is read, in this order, from: an explicit prediction_type, the config given or
+beside the file (NAME.json), the engine's own file, a diffusers scheduler config, a single file's own metadata
+(modelspec.prediction_type, ComfyUI's v_pred marker); with none of those, SD 1.x files are noise-predicting and an
+SD 2.x file's UNet is put to AUTOMATIC1111's test (infer.probe_prediction_type).
 """
 
-import json
-import os
+import dataclasses
+import logging
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.config import PARTS, ModelConfig, parse_json, read_json
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.engine.tokenizer import CLIPTokenizer
+from tritonsd.files import atomic_write, check_output
 from tritonsd.loader.compvis import read_compvis_config
 from tritonsd.loader.convert import from_diffusers, from_original
 from tritonsd.loader.formats import CheckpointError, read_diffusers, read_file
-from tritonsd.loader.infer import architecture, config_from_diffusers, infer_config
+from tritonsd.loader.infer import (
+    SUPPORTED, architecture, config_from_diffusers, config_mismatches, infer_config, probe_prediction_type,
+    stated_prediction_type,
+)
 from tritonsd.loader.lora import describe_lora
 
 # How to use the files that are not a model but go with one.
@@ -30,7 +41,10 @@ USES = {
     "a VAE alone": "use it with a model: --vae PATH, or Pipeline.from_checkpoint(MODEL, vae=PATH) in Python",
 }
 
-__all__ = ["CheckpointError", "default_model", "load_state_dict", "infer_config", "read_config", "load", "save", "describe"]
+__all__ = ["CheckpointError", "default_model", "load_state_dict", "infer_config", "read_config", "load", "save",
+           "describe"]
+
+logger = logging.getLogger(__name__)
 
 FORMAT_TAG = "tritonsd"
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "engine" / "data" / "demo" / "demo.safetensors"
@@ -41,28 +55,27 @@ def default_model() -> Path:
     if not DEMO_MODEL.is_file():
         raise CheckpointError(
             "no checkpoint given and the demo model is not installed with this copy of tritonsd; "
-            "point it at an SD1.x checkpoint (Pipeline.from_checkpoint(PATH), or --model PATH on the command line)"
+            "point it at an SD checkpoint (Pipeline.from_checkpoint(PATH), or --model PATH on the command line)"
         )
     return DEMO_MODEL
 
 
-def _read(path: Path, dtype: torch.dtype | None, device) -> tuple[str, dict, dict]:
+def _read(path: Path) -> tuple[str, dict, dict]:
+    """(format, tensors under the engine's names as stored, metadata)."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
-        parts, configs = read_diffusers(path, dtype, device)
+        parts, configs = read_diffusers(path)
         return "diffusers", from_diffusers(parts), configs
-    raw, metadata = read_file(path, dtype, device)
+    raw, metadata = read_file(path)
     if metadata.get("format") == FORMAT_TAG:
         return FORMAT_TAG, raw, metadata
+    if "v_pred" in raw:  # ComfyUI's mark of a v-prediction model: a flag, not a weight
+        metadata = {**metadata, "v_pred": "true"}
     return "single_file", from_original(raw), metadata
 
 
-def load_state_dict(path, *, dtype: torch.dtype | None = None, device="cpu") -> tuple[str, dict, dict]:
-    """(format, tensors under the engine's names, metadata) of an SD1.x checkpoint. Metadata is the safetensors
-    header's, or for a diffusers folder each part's config.json. dtype/device cast tensor by tensor while reading."""
-    path = Path(path)
-    fmt, state, metadata = _read(path, dtype, device)
+def _check_architecture(path: Path, state: dict) -> None:
     name, evidence = architecture(state)
     if name == "unknown":
         first = ", ".join(list(state)[:5])
@@ -71,9 +84,44 @@ def load_state_dict(path, *, dtype: torch.dtype | None = None, device="cpu") -> 
         )
     if name in USES:
         raise CheckpointError(f"{path}: not a model but {name} ({evidence}); {USES[name]}")
-    if name != "SD1.x":
-        raise CheckpointError(f"{path}: looks like {name} ({evidence}); tritonsd runs SD 1.x models only")
-    return fmt, state, metadata
+    if name not in SUPPORTED:
+        raise CheckpointError(
+            f"{path}: looks like {name} ({evidence}); tritonsd runs SD 1.x and SD 2.x text-to-image models"
+        )
+
+
+def _check_tensors(path: Path, state: dict) -> None:
+    """Weights are dense floating-point tensors holding data. Entries real files carry beside the weights (CLIP's
+    int64 position_ids, EMA counters, schedule buffers) were dropped by the name conversion before this."""
+    bad = []
+    for name, t in state.items():
+        if t.is_meta:
+            bad.append(f"{name} (a meta tensor, with no data)")
+        elif t.layout != torch.strided:
+            bad.append(f"{name} ({str(t.layout).removeprefix('torch.')})")
+        elif not t.is_floating_point():
+            bad.append(f"{name} ({str(t.dtype).removeprefix('torch.')})")
+    if bad:
+        more = f", ... ({len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise CheckpointError(f"{path}: {len(bad)} tensor(s) cannot be weights, which must be dense and floating "
+                              f"point: {', '.join(bad[:5])}{more}")
+
+
+def _cast(state: dict, dtype: torch.dtype | None, device) -> dict:
+    """In place, so each original is released as soon as its copy is made."""
+    for k, t in state.items():
+        state[k] = t.to(device=device, dtype=dtype)
+    return state
+
+
+def load_state_dict(path, *, dtype: torch.dtype | None = None, device="cpu") -> tuple[str, dict, dict]:
+    """(format, tensors under the engine's names, metadata) of an SD 1.x/2.x checkpoint. Metadata is the safetensors
+    header's, or for a diffusers folder each part's config.json. dtype/device cast tensor by tensor."""
+    path = Path(path)
+    fmt, state, metadata = _read(path)
+    _check_architecture(path, state)
+    _check_tensors(path, state)
+    return fmt, _cast(state, dtype, device), metadata
 
 
 def read_config(path, base: ModelConfig | None = None) -> ModelConfig:
@@ -85,20 +133,66 @@ def read_config(path, base: ModelConfig | None = None) -> ModelConfig:
     return ModelConfig.from_json(path)
 
 
-def _config(path: Path, fmt: str, state: dict, metadata: dict) -> ModelConfig:
-    """The config a checkpoint says it has: its own metadata, diffusers' config.json files, a NAME.json or
-    NAME.yaml beside a single file, or else what its shapes imply."""
-    side = next((p for p in (path.with_suffix(".json"), path.with_suffix(".yaml")) if p.is_file()), path.with_suffix(".json"))
+def _config(path: Path, fmt: str, state: dict, metadata: dict, prediction_type: str | None = None
+            ) -> tuple[ModelConfig, str | None]:
+    """The config a checkpoint says it has (its own metadata, diffusers' config.json files, a NAME.json or NAME.yaml
+    beside a single file, or else what its shapes imply) with prediction_type, if given, in place of its own; and
+    where the prediction type came from: None when nothing says and the UNet has to be tested (_probe)."""
+    side = path.with_suffix(".json")
+    yaml = next((p for p in (path.with_suffix(".yaml"), path.with_suffix(".yml")) if p.is_file()), None)
+    where = "the model config in its metadata" if fmt == FORMAT_TAG else f"{(yaml or side).name} beside it"
     try:
         if fmt == FORMAT_TAG:
-            return ModelConfig.from_dict(json.loads(metadata.get("config", "null")))
-        if fmt == "diffusers":
-            return config_from_diffusers(metadata)
-        if side.is_file():
-            return read_config(side, base=infer_config(state) if side.suffix == ".yaml" else None)
-        return infer_config(state)
-    except ValueError as e:
+            config, source = ModelConfig.from_dict(parse_json(metadata.get("config", "null"))), "the file's config"
+        elif fmt == "diffusers":
+            config = config_from_diffusers(metadata)
+            source = "scheduler/scheduler_config.json" if "scheduler" in metadata else _family_rule(state)
+        elif yaml is not None:
+            # The CompVis config states the architecture and the prediction type; the shapes give the sizes.
+            config, source = read_compvis_config(yaml, infer_config(state)), yaml.name
+        else:
+            d = read_json(side) if side.is_file() else None
+            # AUTOMATIC1111 keeps its own notes on a model in NAME.json (description, activation text, ...).
+            if isinstance(d, dict) and not any(key in d for key in (*PARTS, "prediction_type")):
+                logger.info("%s has none of a model config's parts (%s): not a model config, ignored; the config "
+                            "is read off the tensor shapes", side, ", ".join(PARTS))
+                d = None
+            if d is not None:
+                config, source = ModelConfig.from_dict(d), side.name
+            else:
+                stated = None if prediction_type else stated_prediction_type(metadata)
+                source = "the file's metadata" if stated else _family_rule(state)
+                # The default size follows the prediction type here: SD 2.x's v-prediction models draw at 768.
+                config = infer_config(state, prediction_type or stated or "epsilon")
+    except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {where}: {e}") from None
+    if prediction_type is None:
+        return config, source
+    return _with_prediction_type(config, prediction_type), "given"
+
+
+def _family_rule(state: dict) -> str | None:
+    """SD 1.x models predict noise; SD 2.x comes both ways, so None: the UNet is tested."""
+    return "SD 1.x (noise-predicting)" if architecture(state)[0] == "SD1.x" else None
+
+
+def _with_prediction_type(config: ModelConfig, prediction_type: str) -> ModelConfig:
+    try:
+        return dataclasses.replace(config, prediction_type=prediction_type)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _probe(fmt: str, state: dict, config: ModelConfig, unet: nn.Module) -> tuple[ModelConfig, str]:
+    """The config with the prediction type AUTOMATIC1111's test finds in the loaded UNet (and, for a config read off
+    the shapes, the default size that goes with it), and what the test measured."""
+    prediction_type, statistic = probe_prediction_type(unet, config)
+    found = f"a test evaluation of its UNet (mean output - input {statistic:.2f}; v-prediction below -1)"
+    if fmt == "single_file":
+        return infer_config(state, prediction_type), found
+    return _with_prediction_type(config, prediction_type), found
 
 
 def _mismatches(state: dict, expected: dict) -> tuple[list[str], list[str], list[str]]:
@@ -112,75 +206,139 @@ def _mismatches(state: dict, expected: dict) -> tuple[list[str], list[str], list
     return missing, unexpected, shapes
 
 
-def _check(path: Path, state: dict, expected: dict) -> None:
+def _mismatch_message(path: Path, mismatches: tuple[list[str], list[str], list[str]]) -> str | None:
     problems = []
-    for what, items in zip(("missing", "unexpected", "wrongly shaped"), _mismatches(state, expected)):
+    for what, items in zip(("missing", "unexpected", "wrongly shaped"), mismatches):
         if items:
             more = f", ... ({len(items) - 10} more)" if len(items) > 10 else ""
             problems.append(f"{len(items)} {what} tensor(s): {', '.join(items[:10])}{more}")
     if problems:
-        raise CheckpointError(f"{path}: does not match the SD 1.x model of its config; " + "; ".join(problems))
+        return f"{path}: does not match the model its config describes; " + "; ".join(problems)
+    return None
 
 
-def load(path, *, device="cpu", dtype: torch.dtype = torch.float32, config: ModelConfig | None = None
-         ) -> tuple[StableDiffusion, CLIPTokenizer]:
+def _check(path: Path, state: dict, expected: dict) -> None:
+    problem = _mismatch_message(path, _mismatches(state, expected))
+    if problem:
+        raise CheckpointError(problem)
+
+
+@dataclass
+class _Inspection:
+    format: str
+    state: dict
+    architecture: tuple[str, str]
+    config: ModelConfig | None = None
+    tokenizer: CLIPTokenizer | None = None
+    model: StableDiffusion | None = None  # on the meta device, when the config was found good
+    mismatches: tuple[list[str], list[str], list[str]] = field(default_factory=lambda: ([], [], []))
+    problem: str | None = None  # why `load` refuses the checkpoint, in load's words
+    metadata: dict = field(default_factory=dict)
+    prediction_source: str | None = None  # where the prediction type came from; None: the UNet must be tested
+
+
+def _tokenizer(path: Path, fmt: str, config: ModelConfig) -> CLIPTokenizer:
+    """A diffusers folder's own tokenizer, else CLIP's; its ids must all have a row in the token embedding."""
+    try:
+        if fmt == "diffusers" and (path / "tokenizer" / "vocab.json").is_file():
+            tokenizer = CLIPTokenizer.from_folder(path / "tokenizer")
+        else:
+            tokenizer = CLIPTokenizer.default()
+        tokenizer = tokenizer.with_pad_token(config.text.pad_token)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its tokenizer: {e}") from None
+    top = max(tokenizer.vocab.values())
+    if top >= config.text.vocab_size:
+        raise CheckpointError(f"{path}: its tokenizer's ids go up to {top}, but its text encoder has "
+                              f"{config.text.vocab_size} token embeddings")
+    return tokenizer
+
+
+def _inspect(path: Path, config: ModelConfig | None = None, prediction_type: str | None = None) -> _Inspection:
+    """Every check `load` makes, in order, for `load` and `describe` alike. Only an unreadable file raises; any other
+    refusal is `problem`. The config is held to the tensors' shapes before a module is built, so no config a file
+    states can make the engine build more than the file holds."""
+    fmt, state, metadata = _read(path)
+    found = _Inspection(fmt, state, architecture(state), metadata=metadata)
+    try:
+        _check_architecture(path, state)
+        _check_tensors(path, state)
+        if config is None:
+            found.config, found.prediction_source = _config(path, fmt, state, metadata, prediction_type)
+        else:
+            found.prediction_source = "given"
+            found.config = config if prediction_type is None else _with_prediction_type(config, prediction_type)
+        disagree = config_mismatches(found.config, state)
+        if disagree:
+            raise CheckpointError(f"{path}: its config does not match its tensors: {'; '.join(disagree)}")
+        found.tokenizer = _tokenizer(path, fmt, found.config)
+        found.model = StableDiffusion.on_meta(found.config)
+        found.mismatches = _mismatches(state, found.model.state_dict())
+        found.problem = _mismatch_message(path, found.mismatches)
+    except CheckpointError as e:
+        found.problem = str(e)
+    return found
+
+
+def load(path, *, device="cpu", dtype: torch.dtype = torch.float32, config: ModelConfig | None = None,
+         prediction_type: str | None = None) -> tuple[StableDiffusion, CLIPTokenizer]:
     """The model, ready for inference, and its tokenizer. The modules are built on the meta device and take the
-    checkpoint's tensors as they are (cast once), so the weights are in memory once and never randomly initialised."""
+    checkpoint's tensors as they are (cast once), so the weights are in memory once and never randomly initialised.
+    prediction_type ("epsilon" or "v_prediction") overrides what the checkpoint or config says."""
     path = Path(path)
-    fmt, state, metadata = load_state_dict(path, dtype=dtype, device=device)
-    config = config or _config(path, fmt, state, metadata)
-    model = StableDiffusion.on_meta(config)
-    _check(path, state, model.state_dict())
-    model.load_state_dict(state, strict=True, assign=True)
+    found = _inspect(path, config, prediction_type)
+    if found.problem:
+        raise CheckpointError(found.problem)
+    model = found.model
+    model.load_state_dict(_cast(found.state, dtype, device), strict=True, assign=True)
     model.eval().requires_grad_(False)
-    if fmt == "diffusers" and (path / "tokenizer" / "vocab.json").is_file():
-        return model, CLIPTokenizer.from_folder(path / "tokenizer")
-    return model, CLIPTokenizer.default()
+    if found.prediction_source is None:
+        model.config, test = _probe(found.format, found.state, model.config, model.unet)
+        logger.warning("%s: nothing says what this SD 2.x model predicts; %s says %s. Pass prediction_type "
+                       "(--prediction-type) to choose, or keep the answer with `tritonsd convert`.",
+                       path, test, model.config.prediction_type)
+    return model, found.tokenizer
 
 
 def save(model_or_state: nn.Module | dict, config: ModelConfig, path, dtype: torch.dtype | None = None) -> None:
     """Write the engine's own file: engine names, config in the metadata. The file appears whole or not at all."""
-    path = Path(path)
+    path = check_output(path)
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
     _check(path, state, StableDiffusion.on_meta(config).state_dict())
     state = {k: t.detach().to(dtype=dtype if t.is_floating_point() else None).contiguous() for k, t in state.items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        safetensors.torch.save_file(state, tmp, metadata={"format": FORMAT_TAG, "config": config.to_json()})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp:
+        try:
+            safetensors.torch.save_file(state, tmp, metadata={"format": FORMAT_TAG, "config": config.to_json()})
+        except SafetensorError as e:  # the write failed (a full disk, say): an OSError, like any other
+            raise OSError(f"cannot write {path}: {e}") from None
 
 
 def describe(path) -> dict:
-    """What a checkpoint holds, for `tritonsd info`: format, architecture, config, dtypes, parameters per part, and
-    the tensors missing, unexpected or wrongly shaped for its config. Only unreadable files raise."""
+    """What a checkpoint holds, for `tritonsd info`: format, architecture, config, where its prediction type comes
+    from, dtypes, parameters per part, the tensors missing, unexpected or wrongly shaped for its config, and
+    `problem`: why `load` would refuse it (the same checks, the same message), or None. Only unreadable files raise."""
     path = Path(path)
-    fmt, state, metadata = _read(path, None, "cpu")
-    name, evidence = architecture(state)
+    found = _inspect(path)
+    config, source = found.config, found.prediction_source
+    if source is None and found.problem is None:
+        found.model.load_state_dict(found.state, strict=True, assign=True)
+        config, source = _probe(found.format, found.state, config, found.model.unet.eval())
     parts = Counter()
-    for k, t in state.items():
+    for k, t in found.state.items():
         parts[k.split(".", 1)[0]] += t.numel()
+    missing, unexpected, wrong_shape = found.mismatches
     info = {
-        "path": str(path), "format": fmt, "architecture": name, "evidence": evidence, "config": None,
-        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in state.values())),
-        "parameters": dict(parts), "missing": [], "unexpected": [], "wrong_shape": [], "problem": None,
+        "path": str(path), "format": found.format, "architecture": found.architecture[0],
+        "evidence": found.architecture[1], "config": config.to_dict() if config else None,
+        "prediction_source": source,
+        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in found.state.values())),
+        "parameters": dict(parts), "missing": missing, "unexpected": unexpected, "wrong_shape": wrong_shape,
+        "problem": found.problem,
     }
-    if name in USES:
-        info["use"] = USES[name]
+    name = found.architecture[0]
+    if name in USES:  # a valid file of another kind: say what it is for, not that it is no model
+        info["use"], info["problem"] = USES[name], None
     if name == "a LoRA":
-        info["lora"] = describe_lora(state, metadata, StableDiffusion.on_meta(ModelConfig()))
+        info["lora"] = describe_lora(found.state, found.metadata, StableDiffusion.on_meta(ModelConfig()))
         info["problem"] = info["lora"]["problem"] and f"{path}: not a LoRA for SD 1.x: {info['lora']['problem']}"
-    if name != "SD1.x":
-        return info
-    try:
-        config = _config(path, fmt, state, metadata)
-    except CheckpointError as e:
-        info["problem"] = str(e)
-        return info
-    info["config"] = config.to_dict()
-    expected = StableDiffusion.on_meta(config).state_dict()
-    info["missing"], info["unexpected"], info["wrong_shape"] = _mismatches(state, expected)
     return info

@@ -232,16 +232,22 @@ def parse_yaml(text: str):
 # --- CompVis config -> ModelConfig ---------------------------------------------------------------------------------
 
 UNET_FIELDS = ("in_channels", "out_channels", "model_channels", "attention_resolutions", "num_res_blocks",
-               "channel_mult", "num_heads", "transformer_depth", "context_dim")
+               "channel_mult", "num_heads", "num_head_channels", "transformer_depth", "context_dim",
+               "use_linear_in_transformer")
 VAE_FIELDS = ("in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks", "z_channels")
 # Parameters that do not change the graph: training and memory switches, and values the engine's graph has.
 UNET_NEUTRAL = {"image_size": None, "use_checkpoint": None, "use_fp16": None, "legacy": None, "dropout": None,
-                "use_spatial_transformer": True, "num_head_channels": -1, "use_linear_in_transformer": False,
-                "dims": 2, "conv_resample": True, "use_scale_shift_norm": False, "resblock_updown": False,
+                "use_spatial_transformer": True, "dims": 2, "conv_resample": True, "use_scale_shift_norm": False, "resblock_updown": False,
                 "num_heads_upsample": -1, "use_new_attention_order": False, "num_classes": None, "n_embed": None}
 DDCONFIG_NEUTRAL = {"double_z": True, "resolution": None, "dropout": None, "attn_resolutions": [],
                     "attn_type": "vanilla"}
-TEXT_ENCODERS = {"ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+# The text towers a CompVis config can name, and the text config fields each one fixes (its sizes come from base).
+TEXT_ENCODERS = {
+    "ldm.modules.encoders.modules.FrozenCLIPEmbedder": dict(hidden_act="quick_gelu", pad_token="<|endoftext|>"),
+    # SD 2.x: OpenCLIP ViT-H/14 up to its penultimate block, the only `layer` its configs use.
+    "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": dict(hidden_act="gelu", pad_token="!"),
+}
+PARAMETERIZATIONS = {"eps": "epsilon", "v": "v_prediction"}
 
 
 def _params(d, *path: str) -> dict:
@@ -260,25 +266,32 @@ def _take(params: dict, fields, neutral: dict, where: str) -> dict:
         if key in fields:
             out[key] = value
         elif key not in neutral:
-            raise ValueError(f"CompVis config: {where}.{key} is not supported by tritonsd's SD 1.x graph")
+            raise ValueError(f"CompVis config: {where}.{key} is not supported by tritonsd's SD 1.x/2.x graph")
         elif neutral[key] is not None and value != neutral[key]:
             raise ValueError(f"CompVis config: {where}.{key}: {value!r} is not supported (only {neutral[key]!r}); "
-                             "tritonsd runs SD 1.x models")
+                             "tritonsd runs SD 1.x and 2.x models")
     return out
 
 
 def config_from_compvis(d, base: ModelConfig | None = None) -> ModelConfig:
     """ModelConfig from a parsed CompVis config (model.params.unet_config.params, first_stage_config.params.ddconfig,
-    cond_stage_config, scale_factor, image_size). What it does not say (GroupNorm groups; the text encoder, which
-    it names only as CLIP ViT-L/14) comes from base: SD 1.x's values, or those a checkpoint's shapes imply."""
+    cond_stage_config, scale_factor, image_size, parameterization). What it does not say (GroupNorm groups; the
+    text encoder's sizes, which it names only as a tower) comes from base: SD 1.x's values, or those a checkpoint's
+    shapes imply."""
     model = _params(d, "model", "params")
     if "network_config" in model or "conditioner_config" in model:
         raise ValueError("CompVis config describes an SDXL model (network_config, conditioner_config); "
-                         "tritonsd runs SD 1.x models")
-    if model.get("parameterization", "eps") != "eps":
-        raise ValueError(f"CompVis config: parameterization {model['parameterization']!r} (v-prediction) is not "
-                         "supported; tritonsd runs SD 1.x models, which predict noise (eps)")
+                         "tritonsd runs SD 1.x and 2.x models")
+    parameterization = model.get("parameterization", "eps")
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"CompVis config: parameterization {parameterization!r} is not supported "
+                         f"({', '.join(PARAMETERIZATIONS)})")
     unet = _take(_params(d, "model", "params", "unet_config", "params"), UNET_FIELDS, UNET_NEUTRAL, "unet_config.params")
+    # Heads are a count or a width; the one a config gives makes the other -1, as in the CompVis code's defaults.
+    if unet.get("num_head_channels", -1) != -1:
+        unet.setdefault("num_heads", -1)
+    elif "num_heads" in unet:
+        unet.setdefault("num_head_channels", -1)
     if "image_size" in model:
         unet["sample_size"] = model["image_size"]
     first = _params(d, "model", "params", "first_stage_config", "params")
@@ -290,11 +303,16 @@ def config_from_compvis(d, base: ModelConfig | None = None) -> ModelConfig:
     text = model.get("cond_stage_config", {})
     target = text.get("target") if isinstance(text, dict) else None
     if target is not None and target not in TEXT_ENCODERS:
-        raise ValueError(f"CompVis config: text encoder {target} is not supported (only CLIP ViT-L/14's "
-                         "FrozenCLIPEmbedder); tritonsd runs SD 1.x models")
+        raise ValueError(f"CompVis config: text encoder {target} is not supported (CLIP ViT-L/14's "
+                         "FrozenCLIPEmbedder or OpenCLIP's FrozenOpenCLIPEmbedder); tritonsd runs SD 1.x and 2.x models")
+    layer = (text.get("params") or {}).get("layer", "penultimate") if target in TEXT_ENCODERS and "Open" in target else None
+    if layer not in (None, "penultimate"):
+        raise ValueError(f"CompVis config: the OpenCLIP text tower's layer {layer!r} is not supported (penultimate)")
     parts = (base or ModelConfig()).to_dict()
     parts["unet"].update(unet)
     parts["vae"].update(vae)
+    parts["text"].update(TEXT_ENCODERS.get(target, {}))
+    parts["prediction_type"] = PARAMETERIZATIONS[parameterization]
     return ModelConfig.from_dict(parts)
 
 

@@ -1,8 +1,9 @@
 """Tensor names of the formats people have, mapped onto the engine's.
 
 The engine's names are the original CompVis checkpoint's under three prefixes, so an original single file maps by
-prefix alone. The diffusers layout renames blocks and counts them differently; its mapping is a table of rules, each a
-block pattern whose indices are rewritten by a little arithmetic, plus the renamed leaf modules inside such a block.
+prefix alone, except SD 2.x's text tower, which original files keep in OpenCLIP's layout. That layout and diffusers'
+rename blocks and count them differently; their mappings are tables of rules, each a block pattern whose indices are
+rewritten by a little arithmetic, plus the renamed leaf modules inside such a block.
 """
 
 import re
@@ -10,33 +11,60 @@ from collections.abc import Callable
 
 import torch
 
-ORIGINAL_PREFIXES = [
-    ("model.diffusion_model.", "unet."),
-    ("first_stage_model.", "vae."),
-    ("cond_stage_model.transformer.text_model.", "text_encoder."),
-    ("cond_stage_model.transformer.", "text_encoder."),  # older files, written before CLIPTextModel had text_model.
-]
+# Each part's prefix in an original checkpoint: the one place that knows them. The text encoder's names come in two
+# forms; files are written with the first, and both are read.
+ORIGINAL_PREFIXES = {
+    "unet": ("model.diffusion_model.",),
+    "vae": ("first_stage_model.",),
+    # The second: older files, written before transformers' CLIPTextModel had text_model.
+    "text_encoder": ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."),
+}
+
+# SD 2.x's text tower in OpenCLIP's layout.
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
 # Entries that are not weights of the three networks: EMA copies, the training noise schedule at top level, the
-# VAE's training loss, and CLIP's position_ids (an arange, rebuilt by the engine).
+# VAE's training loss, CLIP's position_ids (an arange, rebuilt by the engine), ComfyUI's v_pred marker (read as
+# metadata), and OpenCLIP's text_projection and logit_scale: SD 2.x conditions on the tower's hidden states, never on
+# its pooled projection.
 IGNORED = re.compile(
-    r"model_ema\..*|first_stage_model\.loss\..*|.*position_ids"
+    rf"model_ema\..*|{re.escape(ORIGINAL_PREFIXES['vae'][0])}loss\..*|.*position_ids|v_pred"
     r"|betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+|logvar"
+    rf"|{re.escape(OPEN_CLIP_PREFIX)}(text_projection|logit_scale)"
 )
+
+
+def _engine_name(key: str) -> str:
+    for part, prefixes in ORIGINAL_PREFIXES.items():
+        for prefix in prefixes:  # the text encoder's newer prefix first: the older one begins it
+            if key.startswith(prefix):
+                return f"{part}.{key[len(prefix):]}"
+    return key
 
 
 def from_original(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original single-file names -> engine names. Unknown names pass through, to be reported as unexpected."""
-    state = {}
+    state, open_clip = {}, {}
     for key, t in raw.items():
         if IGNORED.fullmatch(key):
             continue
-        for old, new in ORIGINAL_PREFIXES:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        state[key] = t
+        if key.startswith(OPEN_CLIP_PREFIX):
+            open_clip[key[len(OPEN_CLIP_PREFIX):]] = t
+        else:
+            state[_engine_name(key)] = t
+    state.update((f"text_encoder.{k}", t) for k, t in from_open_clip(open_clip).items())
     return state
+
+
+def to_original(state: dict[str, torch.Tensor], old_text_names: bool = False) -> dict[str, torch.Tensor]:
+    """Engine names -> an original single file's; old_text_names writes CLIP's names as files before text_model. had
+    them."""
+    out = {}
+    for name, t in state.items():
+        part, rest = name.split(".", 1)
+        prefixes = ORIGINAL_PREFIXES[part]
+        out[prefixes[-1 if old_text_names else 0] + rest] = t
+    return out
 
 
 # Leaf modules that diffusers renames inside a block; everything else in a block keeps its name.
@@ -45,6 +73,8 @@ UNET_RESNET = {
     "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
 }
 VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 VAE_ATTENTION = {  # current diffusers names, then the older ones
     "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
     "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out",
@@ -86,6 +116,33 @@ def vae_rules(levels: int) -> list[Rule]:
         (r"(encoder|decoder)\.mid_block\.resnets\.(\d)", lambda part, j: f"{part}.mid.block_{j + 1}", VAE_RESNET),
         (r"(encoder|decoder)\.mid_block\.attentions\.0", lambda part: f"{part}.mid.attn_1", VAE_ATTENTION),
     ]
+
+
+OPEN_CLIP_RULES: list[Rule] = [
+    (r"transformer\.resblocks\.(\d+)", lambda i: f"encoder.layers.{i}", OPEN_CLIP_BLOCK),
+    (r"token_embedding", lambda: "embeddings.token_embedding", {}),
+    (r"ln_final", lambda: "final_layer_norm", {}),
+]
+
+
+def from_open_clip(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text tower (names after cond_stage_model.model.) -> the engine's text-encoder names, as SD 2.x
+    runs it: up to the penultimate block (layer="penultimate" in its YAML), so the last block is left out. Each
+    block's packed attention input projection (in_proj_weight/bias: q, k, v stacked) becomes three."""
+    last = max((int(m[1]) for k in text if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))), default=-1)
+    state = {}
+    for key, t in text.items():
+        if key.startswith(f"transformer.resblocks.{last}."):
+            continue
+        if key == "positional_embedding":
+            state["embeddings.position_embedding.weight"] = t
+        elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", key):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3)):
+                # Copies, so no two weights share storage (a saved file may not have them share).
+                state[f"encoder.layers.{m[1]}.self_attn.{name}.{m[2]}"] = part.clone()
+        else:
+            state[_rename(key, OPEN_CLIP_RULES)] = t
+    return state
 
 
 def _rename(key: str, rules: list[Rule]) -> str:

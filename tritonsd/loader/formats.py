@@ -1,12 +1,13 @@
 """Reading tensors off disk: safetensors files, PyTorch pickles (weights only, never code) and diffusers folders."""
 
 import codecs
-import json
 import pickle
 from pathlib import Path
 
 import safetensors
 import torch
+
+from tritonsd.engine.config import read_json
 
 
 class CheckpointError(ValueError):
@@ -46,15 +47,14 @@ def _kind(path: Path) -> str:
     return "a text file" if all(c.isprintable() or c.isspace() for c in text) else "unrecognised binary data"
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
-    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
-
-
-def _read_safetensors(path: Path, dtype: torch.dtype | None, device) -> tuple[dict, dict]:
+def _read_safetensors(path: Path, kind: str) -> tuple[dict, dict]:
     # Mapped, so nothing is read until used and the pages are the OS file cache's: without a cast the weights are
     # never copied; with one, the cast copies are the only ones in the process's own memory.
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        return {k: _cast(f.get_tensor(k), dtype, device) for k in f.keys()}, f.metadata() or {}
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (safetensors.SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read the safetensors file, it is truncated or corrupt ({e})") from None
 
 
 class _Inert:
@@ -78,20 +78,12 @@ TRAINING_GLOBALS = [(_Inert, name) for name in (
 )]
 
 
-def read_file(path: Path, dtype: torch.dtype | None = None, device="cpu") -> tuple[dict, dict]:
-    """One file's tensors under their stored names, and its metadata (safetensors header; {} for pickles)."""
-    kind = _kind(path)
-    if kind == "safetensors":
-        try:
-            return _read_safetensors(path, dtype, device)
-        except (safetensors.SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: cannot read the safetensors file, it is truncated or corrupt ({e})") from None
-    if kind not in ("zip", "pickle"):
-        raise CheckpointError(f"{path}: not a checkpoint: it is {kind}, neither safetensors nor a PyTorch pickle")
+def _load_pickle(path: Path, kind: str):
+    """What a PyTorch pickle holds, read weights-only: tensors and plain containers, never code."""
     try:
         # mmap leaves tensors in the file until they are used; only the zip format supports it.
         with torch.serialization.safe_globals(TRAINING_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
             raise CheckpointError(f"{path}: cannot read the pickle, it is truncated or corrupt ({e})") from None
@@ -101,6 +93,10 @@ def read_file(path: Path, dtype: torch.dtype | None = None, device="cpu") -> tup
         ) from None
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read the PyTorch file, it is truncated or corrupt ({e})") from None
+
+
+def _read_pickle(path: Path, kind: str) -> tuple[dict, dict]:
+    obj = _load_pickle(path, kind)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -109,14 +105,42 @@ def read_file(path: Path, dtype: torch.dtype | None = None, device="cpu") -> tup
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
         raise CheckpointError(f"{path}: holds no tensors (keys: {', '.join(map(str, list(obj)[:10]))})")
-    del obj
-    for k in state:  # in place, so each original is released as soon as it is cast
-        state[k] = _cast(state[k], dtype, device)
+    names = [k for k in state if not isinstance(k, str)]
+    if names:
+        raise CheckpointError(f"{path}: tensors must be named by strings; {len(names)} are not, the first being "
+                              f"{str(names[0])[:40]} ({type(names[0]).__name__})")
     return state, {}
 
 
-def read_diffusers(folder: Path, dtype: torch.dtype | None = None, device="cpu") -> tuple[dict, dict]:
-    """{part: tensors under diffusers/transformers names} and {part: its config.json}."""
+# How each kind of file (formats._kind) is read: one reader per kind, each giving (tensors, metadata).
+READERS = {"safetensors": _read_safetensors, "zip": _read_pickle, "pickle": _read_pickle}
+
+
+def read_file(path: Path) -> tuple[dict, dict]:
+    """One file's tensors under their stored names, as stored (not cast), and its metadata (the safetensors header;
+    {} for pickles)."""
+    kind = _kind(path)
+    if kind not in READERS:
+        raise CheckpointError(f"{path}: not a checkpoint: it is {kind}, neither safetensors nor a PyTorch pickle")
+    return READERS[kind](path, kind)
+
+
+def read_object(path: Path):
+    """A file's contents as stored: the object a PyTorch pickle holds, or a safetensors file's {name: tensor}."""
+    kind = _kind(path)
+    if kind in ("zip", "pickle"):
+        return _load_pickle(path, kind)
+    return read_file(path)[0]
+
+
+# Settings a diffusers folder keeps beside the weights, read when present: what the UNet predicts, what prompts are
+# padded with.
+DIFFUSERS_SETTINGS = {"scheduler": "scheduler/scheduler_config.json", "tokenizer": "tokenizer/special_tokens_map.json"}
+
+
+def read_diffusers(folder: Path) -> tuple[dict, dict]:
+    """{part: tensors under diffusers/transformers names} and {part: its config.json}, plus "scheduler" and
+    "tokenizer" for the folder's scheduler config and special tokens when it has them."""
     missing = [p for p in DIFFUSERS_PARTS if not (folder / p).is_dir()]
     if len(missing) == len(DIFFUSERS_PARTS):
         raise CheckpointError(
@@ -128,11 +152,19 @@ def read_diffusers(folder: Path, dtype: torch.dtype | None = None, device="cpu")
     for part in DIFFUSERS_PARTS:
         config_file = folder / part / "config.json"
         try:
-            configs[part] = json.loads(config_file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            configs[part] = read_json(config_file)
+        except ValueError as e:
             raise CheckpointError(f"{config_file}: cannot read the part's config ({e})") from None
         weights = next((folder / part / name for name in WEIGHT_FILES if (folder / part / name).is_file()), None)
         if weights is None:
             raise CheckpointError(f"{folder / part}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
-        parts[part], _ = read_file(weights, dtype, device)
+        parts[part], _ = read_file(weights)
+    for name, file in DIFFUSERS_SETTINGS.items():
+        if (folder / file).is_file():
+            try:
+                configs[name] = read_json(folder / file)
+            except ValueError as e:
+                raise CheckpointError(f"{folder / file}: cannot read it ({e})") from None
+            if not isinstance(configs[name], dict):
+                raise CheckpointError(f"{folder / file}: holds a {type(configs[name]).__name__}, not a JSON object")
     return parts, configs
