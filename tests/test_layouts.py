@@ -15,7 +15,7 @@ import torch
 from tritonsd import CheckpointError, ModelConfig, Pipeline, loader
 from tritonsd.engine.config import SD2, SD2_V
 from tritonsd.loader.compvis import config_from_compvis, parse_yaml
-from tiny import TINY, original_checkpoint, random_state, write_diffusers_folder, write_single_file
+from tiny import TINY, TINY_SD2, original_checkpoint, random_state, write_diffusers_folder, write_single_file
 
 yaml = pytest.importorskip("yaml")
 
@@ -310,25 +310,34 @@ def test_v1_inference_yaml_is_sd15():
 @pytest.mark.parametrize("text, want", [(V2_INFERENCE, SD2), (V2_INFERENCE_V, SD2_V)], ids=["v2", "v2-v"])
 def test_v2_inference_yamls_are_sd2(text, want):
     """The YAML names what the shapes cannot tell: heads 64 wide, Linear projections, the OpenCLIP tower (GELU, "!"
-    padding), the parameterization and the 768 model's image size. The base gives only the text tower's sizes, with
-    SD 1.x's everything else, so each SD 2.x value must come from the YAML."""
+    padding) and the parameterization. The base gives only the text tower's sizes, with SD 1.x's everything else,
+    so each SD 2.x value must come from the YAML; the default image size is the loader's (next test)."""
     sd1 = ModelConfig()
     base = dataclasses.replace(sd1, unet=dataclasses.replace(sd1.unet, context_dim=1024),
                                text=dataclasses.replace(SD2.text, hidden_act=sd1.text.hidden_act, pad_token=sd1.text.pad_token))
-    assert config_from_compvis(parse_yaml(text), base) == want
+    got = config_from_compvis(parse_yaml(text), base)
+    assert got == dataclasses.replace(want, unet=dataclasses.replace(want.unet, sample_size=sd1.unet.sample_size))
 
 
-@pytest.mark.parametrize("text, message", [
-    (V2_INFERENCE_V.replace('parameterization: "v"', 'parameterization: "x0"'), "parameterization 'x0'"),
-    (V2_INFERENCE.replace('layer: "penultimate"', 'layer: "last"'), "layer 'last'"),
-    (SDXL_BASE, "SDXL"),
-    (V1_INFERENCE.replace("attn_resolutions: []", "attn_resolutions: [16]"), r"attn_resolutions: \[16\] is not supported"),
-    (V1_INFERENCE.replace("legacy: False", "legacy: False\n        use_scale_shift_norm: True"), "use_scale_shift_norm"),
-    (V1_INFERENCE.replace("FrozenCLIPEmbedder", "BERTEmbedder"), "text encoder"),
-])
-def test_compvis_configs_of_other_models_are_refused(text, message):
-    with pytest.raises(ValueError, match=message):
-        config_from_compvis(parse_yaml(text))
+def test_a_v_yaml_beside_an_sd2_file_makes_it_v_prediction_at_its_size(tmp_path):
+    """An SD 2.x file (heads 64 wide, as the shapes cannot tell) with v2-inference-v.yaml's parameterization beside
+    it: v-prediction, and the 768-v default size (latents 96 wide), which the YAML's image_size (64) does not give."""
+    config = ModelConfig.from_dict({**TINY_SD2.to_dict(), "unet": {**TINY_SD2.to_dict()["unet"], "model_channels": 64,
+                                                                    "num_head_channels": 64}})
+    path = tmp_path / "model.safetensors"
+    write_single_file(path, random_state(config), open_clip=True)
+    u = config.unet
+    (tmp_path / "model.yaml").write_text(
+        tiny_yaml().replace(f"model_channels: {TINY.unet.model_channels}", f"model_channels: {u.model_channels}")
+        .replace(f"num_heads: {TINY.unet.num_heads}", f"num_head_channels: {u.num_head_channels}\n"
+                 "        use_linear_in_transformer: True")
+        .replace("  params:\n    linear_start", '  params:\n    parameterization: "v"\n    linear_start')
+        .replace("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder\n      params:\n        layer: penultimate"))
+    model, tokenizer = loader.load(path)
+    assert model.config.prediction_type == "v_prediction", model.config
+    # GroupNorm's group count is in neither the YAML nor the shapes: CompVis's 32.
+    assert model.config.unet == dataclasses.replace(u, sample_size=96, norm_groups=32), model.config.unet
+    assert tokenizer.pad_id == 0
 
 
 def tiny_yaml() -> str:

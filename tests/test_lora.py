@@ -48,7 +48,7 @@ def theirs(folder):
         text_encoder=transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77),
     )
-    return diffusers_pipeline(parts, "euler", img2img=False)
+    return diffusers_pipeline(parts, "sd1", "euler", img2img=False)
 
 
 def their_image(pipeline) -> np.ndarray:

@@ -148,8 +148,10 @@ def _config(path: Path, fmt: str, state: dict, metadata: dict, prediction_type: 
             config = config_from_diffusers(metadata)
             source = "scheduler/scheduler_config.json" if "scheduler" in metadata else _family_rule(state)
         elif yaml is not None:
-            # The CompVis config states the architecture and the prediction type; the shapes give the sizes.
-            config, source = read_compvis_config(yaml, infer_config(state)), yaml.name
+            # The CompVis config states the architecture and the prediction type; the shapes give the sizes, and the
+            # default image size that goes with the prediction type, as for a file without a config.
+            stated = read_compvis_config(yaml, infer_config(state)).prediction_type
+            config, source = read_compvis_config(yaml, infer_config(state, stated)), yaml.name
         else:
             d = read_json(side) if side.is_file() else None
             # AUTOMATIC1111 keeps its own notes on a model in NAME.json (description, activation text, ...).

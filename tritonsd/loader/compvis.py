@@ -275,9 +275,9 @@ def _take(params: dict, fields, neutral: dict, where: str) -> dict:
 
 def config_from_compvis(d, base: ModelConfig | None = None) -> ModelConfig:
     """ModelConfig from a parsed CompVis config (model.params.unet_config.params, first_stage_config.params.ddconfig,
-    cond_stage_config, scale_factor, image_size, parameterization). What it does not say (GroupNorm groups; the
-    text encoder's sizes, which it names only as a tower) comes from base: SD 1.x's values, or those a checkpoint's
-    shapes imply."""
+    cond_stage_config, scale_factor, parameterization). What it does not say (GroupNorm groups; the text encoder's
+    sizes, which it names only as a tower; the default image size: its image_size is the training crop, 64 even in
+    SD 2.x's 768-v config) comes from base: SD 1.x's values, or those a checkpoint's shapes imply."""
     model = _params(d, "model", "params")
     if "network_config" in model or "conditioner_config" in model:
         raise ValueError("CompVis config describes an SDXL model (network_config, conditioner_config); "
@@ -292,8 +292,6 @@ def config_from_compvis(d, base: ModelConfig | None = None) -> ModelConfig:
         unet.setdefault("num_heads", -1)
     elif "num_heads" in unet:
         unet.setdefault("num_head_channels", -1)
-    if "image_size" in model:
-        unet["sample_size"] = model["image_size"]
     first = _params(d, "model", "params", "first_stage_config", "params")
     vae = _take(_params(first, "ddconfig"), VAE_FIELDS, DDCONFIG_NEUTRAL, "first_stage_config.params.ddconfig")
     if "embed_dim" in first:

@@ -4,10 +4,11 @@ from pathlib import Path
 
 import torch
 
-from tritonsd.loader.convert import IGNORED, from_original, vae_from_diffusers
+from tritonsd.loader import _cast, _check_tensors
+from tritonsd.loader.convert import IGNORED, ORIGINAL_PREFIXES, from_original, vae_from_diffusers
 from tritonsd.loader.formats import WEIGHT_FILES, CheckpointError, read_file
 
-PREFIX = "first_stage_model."
+PREFIX = ORIGINAL_PREFIXES["vae"][0]
 
 
 def read_vae(path, dtype: torch.dtype | None = None, device="cpu") -> dict[str, torch.Tensor]:
@@ -22,10 +23,10 @@ def read_vae(path, dtype: torch.dtype | None = None, device="cpu") -> dict[str, 
         weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
         if weights is None:
             raise CheckpointError(f"{folder}: not a diffusers VAE folder: no weights file (looked for {', '.join(WEIGHT_FILES)})")
-        raw, _ = read_file(weights, dtype, device)
+        raw, _ = read_file(weights)
         state = vae_from_diffusers(raw)
     else:
-        raw, _ = read_file(path, dtype, device)
+        raw, _ = read_file(path)
         whole = any(k.startswith(PREFIX) for k in raw)
         state = from_original({k if whole else PREFIX + k: t for k, t in raw.items()
                                if k.startswith(PREFIX) or not (whole or IGNORED.fullmatch(k))})
@@ -33,4 +34,5 @@ def read_vae(path, dtype: torch.dtype | None = None, device="cpu") -> dict[str, 
         first = ", ".join(list(raw)[:5])
         raise CheckpointError(f"{path}: not a VAE: it has no encoder.* or decoder.* tensors (its {len(raw)} tensors "
                               f"begin {first})")
-    return state
+    _check_tensors(path, state)
+    return _cast(state, dtype, device)
