@@ -223,7 +223,7 @@ def test_unreadable_config_file(tmp_path, text, message):
     (dict(unet=dict(attention_resolutions=[4])), "unet.attention_resolutions [4] must be downsampling factors of the UNet's 2 levels, [1, 2]"),
     (dict(unet=dict(out_channels=8)), "unet.out_channels 8 differs from in_channels 4: the UNet predicts noise of the latents' shape"),
     (dict(unet=dict(model_channels=4096, channel_mult=[8, 8], num_heads=8, norm_groups=8)), "unet's widest level has 32768 channels; at most 16384"),
-    (dict(text=dict(hidden_size=48)), "unet.context_dim 32 differs from text.hidden_size 48"),
+    (dict(text=dict(hidden_size=48)), "unet.context_dim 32 differs from the text towers' width 48"),
 ], ids=["heads", "attention level", "out channels", "widest", "context"])
 def test_fields_that_disagree_with_each_other(changes, message):
     d = TINY.to_dict()
@@ -235,9 +235,9 @@ def test_fields_that_disagree_with_each_other(changes, message):
 
 
 @pytest.mark.parametrize("d, message", [
-    ([TINY.to_dict()], "model config must be a dict of parts (unet, vae, text); got [{'prediction_type': 'epsilon', 'text': {...}, 'unet': {...}, 'vae': {...}}] (list)"),
+    ([TINY.to_dict()], "model config must be a dict of parts (unet, vae, text, text_2); got [{'conditioning': 'none', 'prediction_type': 'epsilon', 'text': {...}, 'text_2': None, ...}] (list)"),
     ({"unet": [32]}, "model config part 'unet' must be a dict of fields; got [32] (list)"),
-    ({"unet": {}, "lora": {}}, "unknown model config part(s) ['lora']; expected ['text', 'unet', 'vae'] and prediction_type"),
+    ({"unet": {}, "lora": {}}, "unknown model config part(s) ['lora']; expected ['text', 'text_2', 'unet', 'vae'] and prediction_type, conditioning"),
     ({"vae": {"channels": 3, 7: 1}}, "unknown field(s) ['7', 'channels'] in model config part 'vae'"),
 ], ids=["list", "part not a dict", "unknown part", "unknown fields"])
 def test_config_shape(d, message):
@@ -264,7 +264,7 @@ def test_config_larger_than_the_file_is_refused_before_any_module_is_built(tmp_p
         raise AssertionError("a model was built for a config that disagrees with the file")
 
     monkeypatch.setattr(StableDiffusion, "on_meta", never)
-    want = (f"{path}: its config does not match its tensors: unet.transformer_depth is 64 in the config, 1 in the "
+    want = (f"{path}: its config does not match its tensors: unet.transformer_depth is [64, 64] in the config, [1, 1] in the "
             "tensors; text.num_hidden_layers is 256 in the config, 2 in the tensors")
     with pytest.raises(CheckpointError) as e:
         loader.load(path)

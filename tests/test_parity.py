@@ -89,7 +89,7 @@ def test_text_encoder_matches_transformers(models, family):
     assert torch.equal(ids, want_ids.input_ids), f"token ids differ from transformers' (pad {ours.tokenizer.pad_id})"
     with torch.no_grad():
         want = theirs["text_encoder"](ids).last_hidden_state
-        got = ours.text_encoder(ids)
+        got, _ = ours.text_encoder(ids)
     assert rel_err(got, want) <= 1e-4, f"text encoder rel err {rel_err(got, want):.2e} > 1e-4"
 
 
@@ -115,7 +115,7 @@ def test_text_encoder_is_the_open_clip_towers_penultimate_block_then_its_final_n
     with torch.no_grad():
         out = whole(ids, output_hidden_states=True)
         want = (whole.text_model if wrapped else whole).final_layer_norm(out.hidden_states[-2])
-        got = ours.text_encoder(ids)
+        got, _ = ours.text_encoder(ids)
     assert rel_err(got, want) <= 1e-4, f"text encoder rel err {rel_err(got, want):.2e} > 1e-4 against the penultimate block"
 
 

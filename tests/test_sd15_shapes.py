@@ -27,7 +27,7 @@ def engine_shapes(config, image: int, monkeypatch) -> dict[str, set]:
     model = StableDiffusion.on_meta(config)
     latent = image // 2 ** (len(config.vae.ch_mult) - 1)
     with tritonsd.kernels.backend("torch"), torch.inference_mode(), torch.device("meta"):
-        context = model.text_encoder(torch.zeros(2, config.text.max_position_embeddings, dtype=torch.long))
+        context, _ = model.text_encoder(torch.zeros(2, config.text.max_position_embeddings, dtype=torch.long))
         model.unet(torch.empty(2, config.unet.in_channels, latent, latent), torch.empty(2), context)
         model.vae.decode(torch.empty(1, config.vae.embed_dim, latent, latent))
     return seen

@@ -1,7 +1,7 @@
-"""Tiny Stable Diffusion models for tests: configs that exercise every structure of the SD 1.x and SD 2.x graphs,
+"""Tiny Stable Diffusion models for tests: configs that exercise every structure of the SD 1.x, SD 2.x and SDXL graphs,
 random weights, and those weights written the ways people have them: an original single file (.safetensors or .ckpt,
-SD 2.x's text tower in OpenCLIP's layout) and a diffusers folder produced by diffusers' and transformers' own
-conversion and save code."""
+SD 2.x's and SDXL's OpenCLIP towers in OpenCLIP's layout) and a diffusers folder produced by diffusers' and
+transformers' own conversion and save code."""
 
 import dataclasses
 import gzip
@@ -36,6 +36,33 @@ TINY_SD2 = ModelConfig.from_dict({
     "text": {**TINY.to_dict()["text"], "hidden_act": "gelu", "pad_token": "!"},
 })
 TINY_SD2_V = dataclasses.replace(TINY_SD2, prediction_type="v_prediction")
+
+# SDXL's structure: three levels, the first without attention, transformer depths that differ by level (the middle
+# block takes the last level's), a CLIP-L-like and a bigG-like tower of different widths both read at their
+# penultimate layer, the second with a text projection to a third width, label_emb fed by the pooled embedding and six
+# 256-wide size embeddings; a VAE that is not decoded in float16.
+_TINY_TEXT = TINY.to_dict()["text"]
+_TINY_BIG_G = {**_TINY_TEXT, "hidden_size": 48, "num_hidden_layers": 3, "num_attention_heads": 3,
+               "intermediate_size": 96, "hidden_act": "gelu", "pad_token": "!", "hidden_layer": "penultimate",
+               "projection_dim": 40}
+TINY_SDXL = ModelConfig.from_dict({
+    "unet": dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(4, 2),
+                 num_heads=-1, num_head_channels=16, transformer_depth=(0, 1, 2), context_dim=32 + 48,
+                 use_linear_in_transformer=True, norm_groups=8, adm_in_channels=40 + 6 * 256),
+    "vae": {**TINY.to_dict()["vae"], "scaling_factor": 0.13025, "force_upcast": True},
+    "text": {**_TINY_TEXT, "num_hidden_layers": 3, "hidden_layer": "penultimate"},
+    "text_2": _TINY_BIG_G,
+    "conditioning": "size",
+})
+# The refiner's: four levels, attention at the middle two, bigG alone, five conditioning numbers (aesthetic score).
+TINY_SDXL_REFINER = ModelConfig.from_dict({
+    "unet": dict(model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(4, 2),
+                 num_heads=-1, num_head_channels=16, transformer_depth=2, context_dim=48,
+                 use_linear_in_transformer=True, norm_groups=8, adm_in_channels=40 + 5 * 256),
+    "vae": TINY_SDXL.to_dict()["vae"],
+    "text": _TINY_BIG_G,
+    "conditioning": "aesthetic",
+})
 SCHEDULE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
@@ -59,12 +86,13 @@ def random_state(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def open_clip_text_tower(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF CLIPTextModel names (without text_model.) -> OpenCLIP's, as SD 2.x's original files store the tower: one
-    attention input projection per block with q, k and v stacked (in_proj_weight, in_proj_bias), ln_1/ln_2,
-    mlp.c_fc/c_proj, positional_embedding, token_embedding, ln_final, and what SD 2.x never uses: a last block (the
-    one before it, rolled and scaled, so a loader that ran it would differ), the pooled-feature text_projection and
-    the logit_scale."""
+def open_clip_text_tower(text: dict[str, torch.Tensor], unused_block: bool = True) -> dict[str, torch.Tensor]:
+    """HF CLIPTextModel(WithProjection) names (without text_model.) -> OpenCLIP's, as SD 2.x's and SDXL's original
+    files store the tower: one attention input projection per block with q, k and v stacked (in_proj_weight,
+    in_proj_bias), ln_1/ln_2, mlp.c_fc/c_proj, positional_embedding, token_embedding, ln_final, text_projection (a
+    [width, projection] matrix applied as x @ P: HF's weight transposed; the identity where the model has none) and
+    logit_scale. unused_block adds what SD 2.x's files hold and never run: a last block (the one before it, rolled and
+    scaled, so a loader that ran it would differ)."""
     blocks = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
               "mlp.fc2": "mlp.c_proj"}
     out = {
@@ -82,10 +110,13 @@ def open_clip_text_tower(text: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             for ours, theirs in blocks.items():
                 out[f"transformer.resblocks.{i}.{theirs}.{param}"] = text[f"{layer}{ours}.{param}"]
     last = len(layers)
-    for k in [k for k in out if k.startswith(f"transformer.resblocks.{last - 1}.")]:
-        out[k.replace(f"resblocks.{last - 1}.", f"resblocks.{last}.")] = 1.5 * out[k].roll(1, 0)
+    if unused_block:
+        for k in [k for k in out if k.startswith(f"transformer.resblocks.{last - 1}.")]:
+            out[k.replace(f"resblocks.{last - 1}.", f"resblocks.{last}.")] = 1.5 * out[k].roll(1, 0)
     ln = text["final_layer_norm.weight"]
-    out["text_projection"] = torch.eye(ln.shape[0], dtype=ln.dtype, device=ln.device)
+    projection = text.get("text_projection.weight")
+    out["text_projection"] = (torch.eye(ln.shape[0], dtype=ln.dtype, device=ln.device) if projection is None
+                              else projection.T.contiguous())
     out["logit_scale"] = torch.tensor(4.6052, dtype=ln.dtype, device=ln.device)
     return out
 
@@ -110,6 +141,29 @@ def original_checkpoint(state: dict, text_prefix: bool = True, extras: bool = Tr
         ckpt.update({k: betas.float() * (i + 1) for i, k in enumerate(SCHEDULE_BUFFERS)})
         if not open_clip:
             ckpt |= to_original({"text_encoder.embeddings.position_ids": torch.arange(77)[None]}, not text_prefix)
+    return ckpt
+
+
+# Where SDXL's original files keep their towers: CLIP-L in HF's names, bigG in OpenCLIP's layout; the refiner has
+# bigG alone, as embedder 0.
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_BIG_G_PREFIX = {"base": "conditioner.embedders.1.model.", "refiner": "conditioner.embedders.0.model."}
+
+
+def original_sdxl_checkpoint(state: dict, extras: bool = True) -> dict[str, torch.Tensor]:
+    """Engine names of an SDXL base or refiner -> its original single file's (sd_xl_base_1.0.safetensors layout);
+    extras adds CLIP-L's position_ids, as the released files have them."""
+    ckpt = to_original({k: t for k, t in state.items() if k.split(".")[0] in ("unet", "vae")})
+    base = any(k.startswith("text_encoder_2.") for k in state)
+    big_g = "text_encoder_2." if base else "text_encoder."
+    tower = {k.removeprefix(big_g): t for k, t in state.items() if k.startswith(big_g)}
+    ckpt.update((SDXL_BIG_G_PREFIX["base" if base else "refiner"] + k, t)
+                for k, t in open_clip_text_tower(tower, unused_block=False).items())
+    if base:
+        ckpt.update((SDXL_CLIP_L_PREFIX + k.removeprefix("text_encoder."), t)
+                    for k, t in state.items() if k.startswith("text_encoder."))
+        if extras:
+            ckpt[SDXL_CLIP_L_PREFIX + "embeddings.position_ids"] = torch.arange(77)[None]
     return ckpt
 
 

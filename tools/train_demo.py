@@ -124,7 +124,7 @@ def train_diffusion(model: StableDiffusion, ema: StableDiffusion, latents: tuple
         noise = torch.randn(x0.shape, generator=gen)
         a = alphas[t][:, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(model.unet(xt, t, model.text_encoder(text)), noise)
+        loss = F.mse_loss(model.unet(xt, t, model.text_encoder(text)[0]), noise)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, args.lr, args.warmup)
         opt.zero_grad(set_to_none=True)

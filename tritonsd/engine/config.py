@@ -1,6 +1,7 @@
 """Model sizes. Field names follow the CompVis YAML (UNet, VAE) and HF's CLIPTextConfig (text encoder),
 so a config can be read off the files people already have. `ModelConfig()` is Stable Diffusion 1.x; `SD2` and
-`SD2_V` are SD 2.x's 512 (epsilon) and 768 (v-prediction) models.
+`SD2_V` are SD 2.x's 512 (epsilon) and 768 (v-prediction) models; `SDXL` and `SDXL_REFINER` are SDXL 1.0's base and
+refiner. FAMILIES names them all.
 
 Every field is checked against its annotation and its row of LIMITS when a config is made, however it is made
 (from_dict, from_json, the constructors, dataclasses.replace): a config that exists is one a model can be built from.
@@ -29,16 +30,28 @@ class UNetConfig:
     # the other is -1, as in the CompVis YAML.
     num_heads: int = 8
     num_head_channels: int = -1
-    transformer_depth: int = 1
+    # Transformer blocks per attention at each level; the middle block takes the last level's (as SDXL's sgm code).
+    # An integer means the same at every level (SD 1.x/2.x YAMLs and configs). A level that builds no transformer
+    # (no attention there, and not the last) reads 0, so that equal models have equal configs.
+    transformer_depth: tuple[int, ...] | int = 1
     context_dim: int = 768
     # SD 2.x's transformers project in and out with Linear layers instead of 1x1 convolutions.
     use_linear_in_transformer: bool = False
     norm_groups: int = 32
     # Latent side the model was trained at; the default image side is this times the VAE's factor (512 for SD1.x).
     sample_size: int = 64
+    # Width of the vector SDXL adds to the timestep embedding through label_emb (pooled text embedding and the
+    # size/crop/aesthetic embeddings, ModelConfig.conditioning); 0: no label_emb (SD 1.x/2.x).
+    adm_in_channels: int = 0
 
     def __post_init__(self):
+        if _is_int(self.transformer_depth) and isinstance(self.channel_mult, (list, tuple)):
+            object.__setattr__(self, "transformer_depth", (self.transformer_depth,) * len(self.channel_mult))
         _check_fields(self)
+        last = len(self.channel_mult) - 1
+        object.__setattr__(self, "transformer_depth", tuple(
+            d if 2**level in self.attention_resolutions or level == last else 0
+            for level, d in enumerate(self.transformer_depth)))
 
     def heads(self, channels: int) -> int:
         """The attention head count at a level of this many channels."""
@@ -56,6 +69,8 @@ class VAEConfig:
     embed_dim: int = 4
     scaling_factor: float = 0.18215
     norm_groups: int = 32
+    # diffusers' name for a VAE whose activations overflow float16 (SDXL's): it is not decoded in float16.
+    force_upcast: bool = False
 
     def __post_init__(self):
         _check_fields(self)
@@ -74,6 +89,13 @@ class TextConfig:
     # What prompts are padded with: OpenAI's CLIP (SD 1.x) pads with its end token, OpenCLIP (SD 2.x) with id 0,
     # "!". The padded positions condition the UNet, so this belongs to the model as much as its weights do.
     pad_token: str = "<|endoftext|>"
+    # Which hidden states condition the UNet: "last" = the last layer built, then the final layer norm (SD 1.x;
+    # SD 2.x, whose last block is not built); "penultimate" = the one before the last layer, without the final
+    # layer norm (SDXL's two towers).
+    hidden_layer: str = "last"
+    # Width of text_projection, which maps the final-normed end-token state to the pooled embedding SDXL conditions
+    # on; 0: the tower has none (or it is not used).
+    projection_dim: int = 0
 
     def __post_init__(self):
         _check_fields(self)
@@ -82,7 +104,16 @@ class TextConfig:
 # What the UNet predicts: the noise (epsilon) or v = sqrt(alphā)·noise - sqrt(1 - alphā)·x0 (SD 2.x's 768 models).
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
-PARTS = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}
+# What the UNet's label_emb receives besides the pooled text embedding, each number as a 256-wide sinusoidal
+# embedding (SDXL): "none" (no label_emb), "size" (base: original size, crop top-left, target size: 6 numbers),
+# "aesthetic" (refiner: original size, crop top-left, aesthetic score: 5 numbers).
+CONDITIONING = {"none": 0, "size": 6, "aesthetic": 5}
+SIZE_EMBEDDING_DIM = 256
+
+# text_2 is optional (SDXL base's second tower); the other parts every model has.
+PARTS = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig, "text_2": TextConfig}
+# The config's fields that are one choice each, not a part.
+SETTINGS = {"prediction_type": PREDICTION_TYPES, "conditioning": tuple(CONDITIONING)}
 
 
 @dataclass(frozen=True)
@@ -109,11 +140,13 @@ LIMITS: dict[str, dict[str, Limit]] = {
         # -1: the other one of the two sets the heads (ModelConfig.validate).
         "num_heads": Limit(1, 256, also=(-1,)),
         "num_head_channels": Limit(1, 4096, also=(-1,)),
-        "transformer_depth": Limit(1, 64),
+        # 0 at a level without attention (SDXL's YAML says [0, 2, 10]).
+        "transformer_depth": Limit(0, 64, length=(1, 8)),
         "context_dim": Limit(1, 8192),
         "use_linear_in_transformer": Limit(),
         "norm_groups": Limit(1, 1024),
         "sample_size": Limit(1, 512),
+        "adm_in_channels": Limit(0, 65536),
     },
     "vae": {
         "in_channels": Limit(1, 64),
@@ -125,6 +158,7 @@ LIMITS: dict[str, dict[str, Limit]] = {
         "embed_dim": Limit(1, 64),
         "scaling_factor": Limit(1e-6, 1e3),
         "norm_groups": Limit(1, 1024),
+        "force_upcast": Limit(),
     },
     "text": {
         "vocab_size": Limit(1, 1_000_000),
@@ -136,8 +170,11 @@ LIMITS: dict[str, dict[str, Limit]] = {
         "hidden_act": Limit(choices=("quick_gelu", "gelu")),
         "layer_norm_eps": Limit(1e-12, 1.0),
         "pad_token": Limit(high=64),
+        "hidden_layer": Limit(choices=("last", "penultimate")),
+        "projection_dim": Limit(0, 16384),
     },
 }
+LIMITS["text_2"] = LIMITS["text"]
 # The widest activation any level may have (channels): bounds the product of a base width and its multiplier.
 MAX_CHANNELS = 16384
 
@@ -226,7 +263,11 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    # SDXL base's second text tower (OpenCLIP ViT-bigG): its hidden states follow the first's along the width, and
+    # its pooled embedding goes to label_emb. The refiner has bigG alone, as `text`.
+    text_2: TextConfig | None = None
     prediction_type: str = "epsilon"
+    conditioning: str = "none"
 
     def __post_init__(self):
         self.validate()
@@ -234,16 +275,18 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Build from a nested dict such as {"unet": {...}, "vae": {...}, "text": {...}, "prediction_type": "..."};
-        missing fields keep SD1.x values."""
+        missing fields keep SD1.x values, and a missing text_2 means none."""
         if not isinstance(d, dict):
             raise ValueError(f"model config must be a dict of parts ({', '.join(PARTS)}); got {_describe(d)}")
-        unknown = [str(k) for k in d if k not in PARTS and k != "prediction_type"]
+        unknown = [str(k) for k in d if k not in PARTS and k not in SETTINGS]
         if unknown:
             raise ValueError(f"unknown model config part(s) {sorted(unknown)}; expected {sorted(PARTS)} "
-                             "and prediction_type")
-        parts = {"prediction_type": d["prediction_type"]} if "prediction_type" in d else {}
+                             f"and {', '.join(SETTINGS)}")
+        parts = {k: d[k] for k in SETTINGS if k in d}
         for name, part_cls in PARTS.items():
             values = d.get(name)
+            if values is None and name == "text_2":
+                continue
             values = {} if values is None else values
             if not isinstance(values, dict):
                 raise ValueError(f"model config part {name!r} must be a dict of fields; got {_describe(values)}")
@@ -270,15 +313,29 @@ class ModelConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    @property
+    def towers(self) -> tuple[TextConfig, ...]:
+        """The text towers, in the order their hidden states are concatenated."""
+        return (self.text,) if self.text_2 is None else (self.text, self.text_2)
+
+    @property
+    def family(self) -> str:
+        """The name people know the architecture by (a key of FAMILIES)."""
+        if self.conditioning == "aesthetic":
+            return "SDXL refiner"
+        if self.conditioning == "size":
+            return "SDXL"
+        return "SD 2.x" if self.unet.use_linear_in_transformer or self.text.hidden_act == "gelu" else "SD 1.x"
+
     def validate(self) -> None:
         """The rules between fields (each field on its own is checked when its part is made)."""
         for name, part_cls in PARTS.items():
-            if not isinstance(getattr(self, name), part_cls):
+            if not isinstance(getattr(self, name), part_cls) and not (name == "text_2" and self.text_2 is None):
                 raise ValueError(f"model config part {name!r} must be a {part_cls.__name__}; "
                                  f"got {_describe(getattr(self, name))}")
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; "
-                             f"got {_describe(self.prediction_type)}")
+        for name, choices in SETTINGS.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {_describe(getattr(self, name))}")
         u, v, t = self.unet, self.vae, self.text
         for where, base, mults in (("unet", u.model_channels, u.channel_mult), ("vae", v.ch, v.ch_mult)):
             if base * max(mults) > MAX_CHANNELS:
@@ -305,10 +362,29 @@ class ModelConfig:
         for m in v.ch_mult:
             if (m * v.ch) % v.norm_groups:
                 raise ValueError(f"vae channels {m * v.ch} not divisible by norm_groups {v.norm_groups}")
-        if t.hidden_size % t.num_attention_heads:
-            raise ValueError(f"text.hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_attention_heads}")
-        if u.context_dim != t.hidden_size:
-            raise ValueError(f"unet.context_dim {u.context_dim} differs from text.hidden_size {t.hidden_size}")
+        if len(u.transformer_depth) != len(u.channel_mult):
+            raise ValueError(f"unet.transformer_depth {list(u.transformer_depth)} must give one depth for each of the "
+                             f"UNet's {len(u.channel_mult)} levels")
+        for level, depth in enumerate(u.transformer_depth):
+            if depth == 0 and (2**level in u.attention_resolutions or level == len(levels) - 1):
+                raise ValueError(f"unet.transformer_depth is 0 at level {level}, which has attention")
+        for name, tower in zip(("text", "text_2"), self.towers):
+            if tower.hidden_size % tower.num_attention_heads:
+                raise ValueError(f"{name}.hidden_size {tower.hidden_size} is not divisible by num_attention_heads "
+                                 f"{tower.num_attention_heads}")
+            if tower.hidden_layer == "penultimate" and tower.num_hidden_layers < 2:
+                raise ValueError(f"{name}.hidden_layer is penultimate, but the tower has one layer")
+        width = sum(tower.hidden_size for tower in self.towers)
+        if u.context_dim != width:
+            raise ValueError(f"unet.context_dim {u.context_dim} differs from the text towers' width {width}")
+        pooled = self.towers[-1].projection_dim
+        wanted = 0 if self.conditioning == "none" else pooled + CONDITIONING[self.conditioning] * SIZE_EMBEDDING_DIM
+        if self.conditioning != "none" and not pooled:
+            raise ValueError(f"conditioning {self.conditioning!r} needs the last text tower's pooled embedding, "
+                             "but it has projection_dim 0")
+        if u.adm_in_channels != wanted:
+            raise ValueError(f"unet.adm_in_channels {u.adm_in_channels} does not fit conditioning "
+                             f"{self.conditioning!r}: it takes {wanted}")
         if u.in_channels != v.embed_dim:
             raise ValueError(f"unet.in_channels {u.in_channels} differs from vae.embed_dim {v.embed_dim}")
 
@@ -321,3 +397,30 @@ SD2 = ModelConfig(
                     hidden_act="gelu", pad_token="!"),
 )
 SD2_V = dataclasses.replace(SD2, unet=dataclasses.replace(SD2.unet, sample_size=96), prediction_type="v_prediction")
+
+# SDXL 1.0: CLIP ViT-L (as SD 1.x) and OpenCLIP ViT-bigG/14 (32 layers; its text_projection gives the pooled
+# embedding), both read at their penultimate layer; a 3-level UNet with 2 and 10 transformer blocks at its lower
+# levels; a VAE that overflows float16. The refiner conditions on bigG alone and an aesthetic score.
+_BIG_G = TextConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
+                    hidden_act="gelu", pad_token="!", hidden_layer="penultimate", projection_dim=1280)
+_SDXL_VAE = VAEConfig(scaling_factor=0.13025, force_upcast=True)
+SDXL = ModelConfig(
+    unet=UNetConfig(channel_mult=(1, 2, 4), attention_resolutions=(4, 2), num_heads=-1, num_head_channels=64,
+                    transformer_depth=(0, 2, 10), context_dim=2048, use_linear_in_transformer=True, sample_size=128,
+                    adm_in_channels=2816),
+    vae=_SDXL_VAE,
+    text=TextConfig(hidden_layer="penultimate"),
+    text_2=_BIG_G,
+    conditioning="size",
+)
+SDXL_REFINER = ModelConfig(
+    unet=UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2), num_heads=-1,
+                    num_head_channels=64, transformer_depth=4, context_dim=1280, use_linear_in_transformer=True,
+                    sample_size=128, adm_in_channels=2560),
+    vae=_SDXL_VAE,
+    text=_BIG_G,
+    conditioning="aesthetic",
+)
+
+# Every family the engine runs, by the name ModelConfig.family gives it: the default config of each.
+FAMILIES = {"SD 1.x": ModelConfig(), "SD 2.x": SD2, "SDXL": SDXL, "SDXL refiner": SDXL_REFINER}

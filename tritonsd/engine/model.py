@@ -1,5 +1,5 @@
-"""The three networks of SD 1.x and 2.x in one module, so that one state dict (unet.*, vae.*, text_encoder.*) holds them
-all."""
+"""The networks of a Stable Diffusion model in one module, so that one state dict (unet.*, vae.*, text_encoder.*, and
+SDXL base's text_encoder_2.*) holds them all."""
 
 import torch
 from torch import nn
@@ -17,6 +17,12 @@ class StableDiffusion(nn.Module):
         self.unet = UNet(config.unet)
         self.vae = VAE(config.vae)
         self.text_encoder = TextEncoder(config.text)
+        self.text_encoder_2 = None if config.text_2 is None else TextEncoder(config.text_2)
+
+    @property
+    def text_encoders(self) -> tuple["TextEncoder", ...]:
+        """The text towers, in the order of ModelConfig.towers."""
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
 
     @classmethod
     def on_meta(cls, config: ModelConfig) -> "StableDiffusion":

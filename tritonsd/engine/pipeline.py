@@ -150,11 +150,11 @@ class Pipeline:
         (tritonsd.engine.prompts), n the most chunks any of them takes; shorter prompts end in the empty prompt's
         chunk."""
         texts, _ = prompt_lists(prompt, "")
-        check_clip_skip(clip_skip, self.config.text.num_hidden_layers)
+        check_clip_skip(clip_skip, self.text_encoder.clip_skip_range)
         batch = [self.prompt_tokenizer.chunks(text) for text in texts]
         context = encode_chunks(
             batch, self.prompt_tokenizer.empty,
-            lambda ids: self._run("text", self.text_encoder, ids.to(self.device), clip_skip),
+            lambda ids: self._run("text", self.text_encoder, ids.to(self.device), clip_skip)[0],
         )
         return _finite(context, "text encoder")
 

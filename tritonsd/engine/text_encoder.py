@@ -1,6 +1,7 @@
 """The CLIP text tower: OpenAI's ViT-L/14 in SD 1.x; in SD 2.x OpenCLIP's ViT-H/14 up to its penultimate block, whose
-output takes the final layer norm (the last block is never run, so it is not built). Module names follow HF's
-CLIPTextModel without the text_model. prefix."""
+output takes the final layer norm (the last block is never run, so it is not built); in SDXL ViT-L and OpenCLIP's
+ViT-bigG/14, each read at its penultimate layer without the final norm, bigG also giving a pooled embedding. Module
+names follow HF's CLIPTextModel(WithProjection) without the text_model. prefix."""
 
 import numbers
 
@@ -89,21 +90,40 @@ class Encoder(nn.Module):
 class TextEncoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
+        self.penultimate = cfg.hidden_layer == "penultimate"
         self.embeddings = Embeddings(cfg)
         self.encoder = Encoder(cfg)
         self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False) if cfg.projection_dim else None
 
-    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """Token ids [B, L] -> hidden states after the final layer norm [B, L, hidden_size]. clip_skip n > 1 stops
-        n - 1 layers early and normalises that layer's output, as AUTOMATIC1111's "Clip skip" does; the layers
-        past it do not run."""
-        check_clip_skip(clip_skip, len(self.encoder.layers))
+    @property
+    def clip_skip_range(self) -> int:
+        """The largest clip_skip: the first layer's output is the earliest there is."""
+        return len(self.encoder.layers) - self.penultimate
+
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids [B, L] -> (the hidden states that condition the UNet [B, L, hidden_size], the pooled embedding
+        [B, projection_dim] or None). clip_skip n > 1 reads the hidden states n - 1 layers earlier, as
+        AUTOMATIC1111's "Clip skip" does, normalised where the tower's own output is; layers past them run only
+        for the pooled embedding."""
+        check_clip_skip(clip_skip, self.clip_skip_range)
         if ids.shape[1] > self.embeddings.position_embedding.num_embeddings:
             raise ValueError(f"{ids.shape[1]} tokens exceed the text encoder's {self.embeddings.position_embedding.num_embeddings} positions")
+        layers = self.encoder.layers
+        keep = self.clip_skip_range - clip_skip + 1
         x = self.embeddings(ids)
-        for layer in self.encoder.layers[: len(self.encoder.layers) - clip_skip + 1]:
+        for i, layer in enumerate(layers[: len(layers) if self.text_projection is not None else keep]):
             x = layer(x)
-        return self.final_layer_norm(x)
+            if i + 1 == keep:
+                hidden = x if self.penultimate else self.final_layer_norm(x)
+        if self.text_projection is None:
+            return hidden, None
+        # At the end token: the first highest id, as CLIP finds it (ids past the vocabulary are textual-inversion
+        # vectors, never the end token).
+        vocab = self.embeddings.token_embedding.num_embeddings
+        end = torch.where(ids < vocab, ids, -1).argmax(dim=-1)
+        pooled = self.final_layer_norm(x)[torch.arange(ids.shape[0], device=ids.device), end]
+        return hidden, self.text_projection(pooled)
 
 
 def check_clip_skip(clip_skip, layers: int | None = None) -> None:

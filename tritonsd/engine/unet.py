@@ -1,4 +1,4 @@
-"""The SD 1.x / 2.x UNet. Module names mirror the original CompVis checkpoint (input_blocks.N.M, middle_block,
+"""The SD 1.x / 2.x / SDXL UNet. Module names mirror the original CompVis checkpoint (input_blocks.N.M, middle_block,
 output_blocks), so an original single-file checkpoint maps onto it by prefix alone."""
 
 import math
@@ -184,9 +184,15 @@ class UNet(nn.Module):
         emb_ch = 4 * mc
         self.model_channels = mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        # SDXL's extra conditioning vector, added to the timestep embedding; nested as the checkpoint's label_emb.0.*.
+        self.label_emb = None
+        if cfg.adm_in_channels:
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)))
 
-        def attention(ch: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, cfg.context_dim, cfg.heads(ch), cfg.transformer_depth, g, cfg.use_linear_in_transformer)
+        def attention(ch: int, level: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, cfg.context_dim, cfg.heads(ch), cfg.transformer_depth[level], g,
+                                      cfg.use_linear_in_transformer)
 
         self.input_blocks = nn.ModuleList([Step([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         skip_chs, ch, ds = [mc], mc, 1
@@ -195,7 +201,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, mult * mc, emb_ch, g)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(attention(ch))
+                    layers.append(attention(ch, level))
                 self.input_blocks.append(Step(layers))
                 skip_chs.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -203,7 +209,8 @@ class UNet(nn.Module):
                 skip_chs.append(ch)
                 ds *= 2
 
-        self.middle_block = Step([ResBlock(ch, ch, emb_ch, g), attention(ch), ResBlock(ch, ch, emb_ch, g)])
+        last = len(cfg.channel_mult) - 1
+        self.middle_block = Step([ResBlock(ch, ch, emb_ch, g), attention(ch, last), ResBlock(ch, ch, emb_ch, g)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -211,7 +218,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_chs.pop(), mult * mc, emb_ch, g)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(attention(ch))
+                    layers.append(attention(ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -219,10 +226,17 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(GroupNorm(g, ch, silu=True), nn.Identity(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: latents [B, C, H, W]; timesteps: [B] (or a scalar); context: text hidden states [B, 77, context_dim]."""
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: latents [B, C, H, W]; timesteps: [B] (or a scalar); context: text hidden states [B, 77·n, context_dim];
+        y: SDXL's conditioning vector [B, adm_in_channels], given exactly when the model has label_emb."""
+        if (y is None) != (self.label_emb is None):
+            raise ValueError("this UNet takes a conditioning vector y" if y is None else
+                             "this UNet has no label_emb to take a conditioning vector y")
         timesteps = timesteps.reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.dtype))
         emb_act = F.silu(emb)
         skips = []
         h = x

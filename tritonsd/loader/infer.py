@@ -109,6 +109,13 @@ def _shape_readers(state: dict) -> dict[str, dict[str, Callable[[], object]]]:
         # Largest first, as the CompVis YAML writes them (4, 2, 1).
         return tuple(2**level for level in reversed(range(len(first))) if attention[level])
 
+    def transformer_depth() -> tuple[int, ...]:
+        first, _ = unet_levels()
+        depths = [len(_levels(state, rf"unet\.input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\.")) for i in first]
+        # The middle block's depth is the last level's (which has no attention in SD 1.x/2.x).
+        depths[-1] = depths[-1] or count(r"unet\.middle_block\.1\.transformer_blocks\.(\d+)\.")
+        return tuple(depths)
+
     def count(pattern: str) -> int:
         n = len(_levels(state, pattern))
         if not n:
@@ -127,7 +134,7 @@ def _shape_readers(state: dict) -> dict[str, dict[str, Callable[[], object]]]:
                 [f"unet.input_blocks.{i}.0.out_layers.3.weight" for i in unet_levels()[0]], dim(conv_in, 0)),
             "num_res_blocks": lambda: unet_levels()[1],
             "attention_resolutions": attention_resolutions,
-            "transformer_depth": lambda: count(r"unet\.middle_block\.1\.transformer_blocks\.(\d+)\."),
+            "transformer_depth": transformer_depth,
             "context_dim": lambda: dim("unet.middle_block.1.transformer_blocks.0.attn2.to_k.weight", 1),
             # SD 2.x projects into its transformers with Linear layers (2-D weights), SD 1.x with 1x1 convolutions.
             "use_linear_in_transformer": lambda: dim("unet.middle_block.1.proj_in.weight", 0) > 0
