@@ -343,14 +343,15 @@ def test_tensor_needed_to_infer_the_config_is_named(tmp_path, tiny_state):
 def test_config_that_disagrees_with_shapes_names_the_fields(tmp_path, tiny_state):
     path = tmp_path / "model.safetensors"
     write_single_file(path, tiny_state)
-    wrong = dataclasses.replace(TINY, unet=dataclasses.replace(TINY.unet, num_res_blocks=1, channel_mult=(1, 2, 2)),
+    wrong = dataclasses.replace(TINY, unet=dataclasses.replace(TINY.unet, num_res_blocks=1, channel_mult=(1, 2, 2),
+                                                                  transformer_depth=1),
                                 text=dataclasses.replace(TINY.text, num_hidden_layers=200))
     with pytest.raises(CheckpointError) as e:
         loader.load(path, config=wrong)
     assert str(e.value) == (
         f"{path}: its config does not match its tensors: unet.channel_mult is [1, 2, 2] in the config, [1, 2] in the "
-        "tensors; unet.num_res_blocks is 1 in the config, 2 in the tensors; text.num_hidden_layers is 200 in the "
-        "config, 2 in the tensors"), str(e.value)
+        "tensors; unet.num_res_blocks is 1 in the config, 2 in the tensors; unet.transformer_depth is [1, 1, 1] in "
+        "the config, [1, 1] in the tensors; text.num_hidden_layers is 200 in the config, 2 in the tensors"), str(e.value)
 
 
 def test_many_missing_tensors_are_counted_not_all_listed(tmp_path, tiny_state):
