@@ -548,7 +548,8 @@ def _info(args) -> None:
             lora = d["lora"]
             layers = ", ".join(f"{part} {n}" for part, n in lora["layers"].items())
             ranks = ", ".join(map(str, lora["ranks"]))
-            rows.append(("lora", lora["problem"] or f"{lora['format']}; layers: {layers}; rank {ranks}"))
+            rows.append(("lora", lora["problem"] or f"{lora['format']} for {lora['family']}; layers: {layers}; "
+                                                    f"rank {ranks}"))
         if "use" in d:
             rows.append(("use", d["use"]))
         for part, fields in (d["config"] or {}).items():
