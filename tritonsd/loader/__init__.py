@@ -356,7 +356,7 @@ def _describe_lora(state: dict, metadata: dict) -> dict:
     fits = {family: describe_lora(state, metadata, StableDiffusion.on_meta(config))
             for family, config in LORA_FAMILIES.items()}
     good = [family for family, lora in fits.items() if lora["problem"] is None]
-    if not good:
-        named = next(iter(fits.values()))["family"]
-        return fits.get(named, next(iter(fits.values())))
-    return {**fits[good[0]], "family": " or ".join(good)}
+    if good:
+        return {**fits[good[0]], "family": " or ".join(good)}
+    first = next(iter(fits.values()))
+    return fits.get(first["family"], first)

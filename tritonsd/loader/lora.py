@@ -333,10 +333,10 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
         raise ValueError(f"not a LoRA: none of its {len(raw)} tensors is a LoRA, LoHa or LoKr weight ({first})")
     family, width = lora_family(raw), model.config.text.hidden_size
     ours = FAMILY_BY_WIDTH.get(width)
-    if family and ours and family[0] != ours:
-        raise ValueError(f"is a LoRA for {family[0]} ({family[1]}), but this model is {ours}, whose text features are "
-                         f"{width} wide; a LoRA fits only the model family it was trained for")
-    another = f"a LoRA for {family[0]} ({family[1]})" if family and family[0] != ours else "a LoRA for another model"
+    other = f"a LoRA for {family[0]} ({family[1]})" if family and family[0] != ours else None
+    if other and ours:  # its layers that read the text features cannot fit: say so before any layer is placed
+        raise ValueError(f"is {other}, but this model is {ours}, whose text features are {width} wide; a LoRA fits "
+                         "only the model family it was trained for")
     peft = _peft_alphas(metadata)
     resolve = _Resolver(model, targets)
     layers, unplaced, formats = [], [], set()
@@ -364,7 +364,7 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
             raise ValueError(
                 f"layer {module} does not fit the model: it makes a {rows}-row update of {numel} elements for "
                 f"{target.param} rows {target.rows.start or 0}:{target.rows.stop or target.shape[0]}, whose weight is "
-                f"{list(target.shape)}; it is {another}"
+                f"{list(target.shape)}; it is {other or 'a LoRA for another model'}"
             )
         rank = _rank(kind, f)
         if alpha is None and module.startswith(("unet.", "text_encoder.")):
@@ -387,7 +387,7 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
     if unplaced:
         more = f", ... ({len(unplaced) - 5} more)" if len(unplaced) > 5 else ""
         raise ValueError(f"{len(unplaced)} of its layers name no layer of this model: {', '.join(unplaced[:5])}{more}; "
-                         f"it is {another if family else 'a LoRA for another architecture'}")
+                         f"it is {other or 'a LoRA for another architecture'}")
     seen: dict[tuple, str] = {}
     for layer in layers:
         key = (layer.target.param, layer.target.rows.start)
