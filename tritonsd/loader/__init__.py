@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from tritonsd.engine.config import PARTS, ModelConfig, parse_json, read_json
+from tritonsd.engine.config import PARTS, SD2, ModelConfig, parse_json, read_json
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.engine.tokenizer import CLIPTokenizer
 from tritonsd.files import atomic_write, check_output
@@ -341,6 +341,22 @@ def describe(path) -> dict:
     if name in USES:  # a valid file of another kind: say what it is for, not that it is no model
         info["use"], info["problem"] = USES[name], None
     if name == "a LoRA":
-        info["lora"] = describe_lora(found.state, found.metadata, StableDiffusion.on_meta(ModelConfig()))
-        info["problem"] = info["lora"]["problem"] and f"{path}: not a LoRA for SD 1.x: {info['lora']['problem']}"
+        info["lora"] = _describe_lora(found.state, found.metadata)
+        info["problem"] = info["lora"]["problem"] and f"{path}: not a LoRA for SD 1.x or 2.x: {info['lora']['problem']}"
     return info
+
+
+# The models `describe` holds a LoRA against: one of each family the engine runs, on the meta device.
+LORA_FAMILIES = {"SD 1.x": ModelConfig(), "SD 2.x": SD2}
+
+
+def _describe_lora(state: dict, metadata: dict) -> dict:
+    """describe_lora against each family's model, with the families it fits as its family ("SD 1.x or SD 2.x" for
+    one whose layers fit both); if it fits none, the problem against the family its shapes name (else SD 1.x)."""
+    fits = {family: describe_lora(state, metadata, StableDiffusion.on_meta(config))
+            for family, config in LORA_FAMILIES.items()}
+    good = [family for family, lora in fits.items() if lora["problem"] is None]
+    if good:
+        return {**fits[good[0]], "family": " or ".join(good)}
+    first = next(iter(fits.values()))
+    return fits.get(first["family"], first)

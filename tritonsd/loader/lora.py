@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from tritonsd.loader.convert import unet_rules
-from tritonsd.loader.formats import CheckpointError, read_file
+from tritonsd.loader.formats import FAMILY_BY_WIDTH, CheckpointError, read_file
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -320,7 +320,7 @@ def read_lora(path, model: nn.Module, targets: dict[str, Target] | None = None) 
 
 def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Target]) -> tuple[list[Layer], str]:
     if any(k.startswith(("lora_te1_", "lora_te2_")) for k in raw) or any(k.startswith("text_encoder_2.") for k in raw):
-        raise ValueError("is an SDXL LoRA (it patches two text encoders); tritonsd runs SD 1.x models")
+        raise ValueError("is an SDXL LoRA (it patches two text encoders); tritonsd runs SD 1.x and 2.x models")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
         module, leaf = _split(key)
@@ -331,6 +331,12 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
     if not grouped or not any(leaf in set().union(*KINDS.values()) for g in grouped.values() for leaf in g):
         first = ", ".join(list(raw)[:5])
         raise ValueError(f"not a LoRA: none of its {len(raw)} tensors is a LoRA, LoHa or LoKr weight ({first})")
+    family, width = lora_family(raw), model.config.text.hidden_size
+    ours = FAMILY_BY_WIDTH.get(width)
+    other = f"a LoRA for {family[0]} ({family[1]})" if family and family[0] != ours else None
+    if other and ours:  # its layers that read the text features cannot fit: say so before any layer is placed
+        raise ValueError(f"is {other}, but this model is {ours}, whose text features are {width} wide; a LoRA fits "
+                         "only the model family it was trained for")
     peft = _peft_alphas(metadata)
     resolve = _Resolver(model, targets)
     layers, unplaced, formats = [], [], set()
@@ -358,7 +364,7 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
             raise ValueError(
                 f"layer {module} does not fit the model: it makes a {rows}-row update of {numel} elements for "
                 f"{target.param} rows {target.rows.start or 0}:{target.rows.stop or target.shape[0]}, whose weight is "
-                f"{list(target.shape)}; it is a LoRA for another model"
+                f"{list(target.shape)}; it is {other or 'a LoRA for another model'}"
             )
         rank = _rank(kind, f)
         if alpha is None and module.startswith(("unet.", "text_encoder.")):
@@ -381,7 +387,7 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
     if unplaced:
         more = f", ... ({len(unplaced) - 5} more)" if len(unplaced) > 5 else ""
         raise ValueError(f"{len(unplaced)} of its layers name no layer of this model: {', '.join(unplaced[:5])}{more}; "
-                         "it is a LoRA for another architecture")
+                         f"it is {other or 'a LoRA for another architecture'}")
     seen: dict[tuple, str] = {}
     for layer in layers:
         key = (layer.target.param, layer.target.rows.start)
@@ -391,6 +397,34 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
     return layers, "+".join(sorted(formats))
 
 
+# Layers whose input is the text features: the text encoder's attention projections and first MLP layer (its hidden
+# size), and the UNet's cross-attention keys and values (its context).
+TEXT_INPUT = re.compile(r"(lora_te_|text_encoder\.).*(q_proj|k_proj|v_proj|out_proj|fc1)")
+CONTEXT_INPUT = re.compile(r"(lora_unet_|unet\.).*attn2[._]to_[kv]")
+
+
+def lora_family(raw: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+    """(model family, why) from the width of the text features a LoRA file's layers take in; None when it has no
+    such layer or the width names no family."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in raw.items():
+        module, leaf = _split(key)
+        grouped.setdefault(module, {})[leaf] = t
+    for pattern, what in ((CONTEXT_INPUT, "its cross-attention reads {}-wide text features"),
+                          (TEXT_INPUT, "its text-encoder layers are {} wide")):
+        for module, f in grouped.items():
+            kinds = [kind for kind, leaves in KINDS.items() if set(f) & leaves]
+            if not pattern.fullmatch(module) or len(kinds) != 1:
+                continue
+            try:
+                rows, numel = _update_shape(kinds[0], f)
+            except (KeyError, ValueError, IndexError):  # malformed: refused with its reason when its layer is read
+                continue
+            if rows and numel // rows in FAMILY_BY_WIDTH:
+                return FAMILY_BY_WIDTH[numel // rows], what.format(numel // rows)
+    return None
+
+
 def is_lora(keys) -> bool:
     """Whether tensor names are a LoRA/LyCORIS file's."""
     leaves = set().union(*KINDS.values())
@@ -398,9 +432,10 @@ def is_lora(keys) -> bool:
 
 
 def describe_lora(raw: dict, metadata: dict, model: nn.Module) -> dict:
-    """What `tritonsd info` says of a LoRA file: its format, layers per network, ranks, and whether it fits `model`
-    (problem: None, or why not)."""
-    info = {"format": None, "layers": {}, "ranks": [], "problem": None}
+    """What `tritonsd info` says of a LoRA file: its format, layers per network, ranks, the model family its shapes
+    name (or None), and whether it fits `model` (problem: None, or why not)."""
+    family = lora_family(raw)
+    info = {"format": None, "layers": {}, "ranks": [], "problem": None, "family": family and family[0]}
     try:
         layers, info["format"] = _layers(raw, metadata, model, lora_targets(model))
     except ValueError as e:
