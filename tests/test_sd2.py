@@ -365,7 +365,7 @@ def test_clip_skip_is_ignored_on_sd2_as_automatic1111_ignores_it(sd2_pipe, caplo
     clip skip, with one warning; the text encoder itself still stops where it is told."""
     ids = sd2_pipe.tokenizer(["a red cube"])
     with torch.no_grad():
-        assert not torch.allclose(sd2_pipe.text_encoder(ids, clip_skip=2), sd2_pipe.text_encoder(ids)), \
+        assert not torch.allclose(sd2_pipe.text_encoder(ids, clip_skip=2)[0], sd2_pipe.text_encoder(ids)[0]), \
             "the test needs clip skip 2 to change the text encoder's output"
     base = sd2_pipe.encode_prompt("a red cube")
     with caplog.at_level(logging.WARNING, logger="tritonsd"):
