@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from tritonsd.engine.config import PARTS, SD2, ModelConfig, parse_json, read_json
+from tritonsd.engine.config import FAMILIES, PARTS, ModelConfig, parse_json, read_json
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.engine.tokenizer import CLIPTokenizer
 from tritonsd.files import atomic_write, check_output
@@ -347,7 +347,7 @@ def describe(path) -> dict:
 
 
 # The models `describe` holds a LoRA against: one of each family the engine runs, on the meta device.
-LORA_FAMILIES = {"SD 1.x": ModelConfig(), "SD 2.x": SD2}
+LORA_FAMILIES = {name: FAMILIES[name] for name in ("SD 1.x", "SD 2.x")}
 
 
 def _describe_lora(state: dict, metadata: dict) -> dict:

@@ -331,7 +331,7 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
     if not grouped or not any(leaf in set().union(*KINDS.values()) for g in grouped.values() for leaf in g):
         first = ", ".join(list(raw)[:5])
         raise ValueError(f"not a LoRA: none of its {len(raw)} tensors is a LoRA, LoHa or LoKr weight ({first})")
-    family, width = lora_family(raw), model.config.text.hidden_size
+    family, width = lora_family(raw), model.config.unet.context_dim
     ours = FAMILY_BY_WIDTH.get(width)
     other = f"a LoRA for {family[0]} ({family[1]})" if family and family[0] != ours else None
     if other and ours:  # its layers that read the text features cannot fit: say so before any layer is placed
