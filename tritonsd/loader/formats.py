@@ -21,7 +21,10 @@ WEIGHT_FILES = [
     for stem in ("diffusion_pytorch_model", "model", "pytorch_model")
     for variant in ("", ".fp16")
 ]
-DIFFUSERS_PARTS = ("unet", "vae", "text_encoder")
+# A folder's networks: the UNet, the VAE and one or two text towers (SDXL base: text_encoder and text_encoder_2; its
+# refiner: text_encoder_2 alone).
+DIFFUSERS_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
 
 
 def _kind(path: Path) -> str:
@@ -134,22 +137,26 @@ def read_object(path: Path):
 
 
 # Settings a diffusers folder keeps beside the weights, read when present: what the UNet predicts, what prompts are
-# padded with.
-DIFFUSERS_SETTINGS = {"scheduler": "scheduler/scheduler_config.json", "tokenizer": "tokenizer/special_tokens_map.json"}
+# padded with (for each tower).
+DIFFUSERS_SETTINGS = {"scheduler": "scheduler/scheduler_config.json", "tokenizer": "tokenizer/special_tokens_map.json",
+                      "tokenizer_2": "tokenizer_2/special_tokens_map.json"}
 
 
 def read_diffusers(folder: Path) -> tuple[dict, dict]:
-    """{part: tensors under diffusers/transformers names} and {part: its config.json}, plus "scheduler" and
-    "tokenizer" for the folder's scheduler config and special tokens when it has them."""
-    missing = [p for p in DIFFUSERS_PARTS if not (folder / p).is_dir()]
-    if len(missing) == len(DIFFUSERS_PARTS):
+    """{part: tensors under diffusers/transformers names} and {part: its config.json} for the parts the folder has
+    (unet, vae, and text_encoder and/or text_encoder_2), plus each of DIFFUSERS_SETTINGS the folder has."""
+    present = [p for p in DIFFUSERS_PARTS if (folder / p).is_dir()]
+    if not present:
         raise CheckpointError(
             f"{folder}: a folder, but not a diffusers model: it has none of the subfolders {', '.join(DIFFUSERS_PARTS)}"
         )
+    missing = [p for p in ("unet", "vae") if p not in present]
+    if not any(p in present for p in TEXT_PARTS):
+        missing.append(" or ".join(TEXT_PARTS))
     if missing:
         raise CheckpointError(f"{folder}: incomplete diffusers folder: missing subfolder(s) {', '.join(missing)}")
     parts, configs = {}, {}
-    for part in DIFFUSERS_PARTS:
+    for part in present:
         config_file = folder / part / "config.json"
         try:
             configs[part] = read_json(config_file)
