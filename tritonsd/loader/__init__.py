@@ -336,6 +336,8 @@ def describe(path) -> dict:
     info = {
         "path": str(path), "format": found.format, "architecture": found.architecture[0],
         "evidence": found.architecture[1], "config": config.to_dict() if config else None,
+        # The side of the images the model makes when none is asked for: its training latents times the VAE's factor.
+        "default_size": config and config.unet.sample_size * 2 ** (len(config.vae.ch_mult) - 1),
         "prediction_source": source,
         "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in found.state.values())),
         "parameters": dict(parts), "missing": missing, "unexpected": unexpected, "wrong_shape": wrong_shape,
