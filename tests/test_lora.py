@@ -4,6 +4,7 @@ in by the definitions, written out here in float64; switching is exact; bad file
 as they were."""
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -577,12 +578,15 @@ def test_cli_applies_loras_and_records_their_hashes(capsys, files, kohya, peft_f
     assert np.array_equal(got, np.asarray(want)), "the command line's image differs from the API's"
 
 
-def sd15_lora(path, sdxl=False):
-    """A kohya LoRA for two SD 1.5 layers (or SDXL's second text encoder)."""
-    text = "lora_te2_text_model_encoder_layers_0_mlp_fc1" if sdxl else "lora_te_text_model_encoder_layers_0_mlp_fc1"
+def sd15_lora(path, sdxl=False, layers=None):
+    """A kohya LoRA for two full-size layers of SD 1.5 (or of SDXL: CompVis-style UNet name, second text encoder)."""
+    if layers is None:
+        layers = ({"lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q": (640, 640),
+                   "lora_te2_text_model_encoder_layers_0_mlp_fc1": (5120, 1280)} if sdxl else
+                  {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
+                   "lora_te_text_model_encoder_layers_0_mlp_fc1": (3072, 768)})
     tensors = {}
-    for name, (out, inp) in {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
-                             text: (3072, 768)}.items():
+    for name, (out, inp) in layers.items():
         tensors |= {f"{name}.lora_down.weight": torch.zeros(4, inp), f"{name}.lora_up.weight": torch.zeros(out, 4),
                     f"{name}.alpha": torch.tensor(4.0)}
     safetensors.torch.save_file(tensors, path)
@@ -603,8 +607,16 @@ def test_info_says_what_a_lora_or_vae_is_and_how_to_use_it(capsys, files, tmp_pa
     assert "a VAE alone" in out and "--vae PATH" in out, out
 
     sd15_lora(tmp_path / "xl.safetensors", sdxl=True)
-    err = cli(capsys, "info", tmp_path / "xl.safetensors", status=2).err
-    assert err.startswith("tritonsd: error: ") and "is an SDXL LoRA" in err and err.count("\n") == 1, err
+    described = json.loads(cli(capsys, "info", tmp_path / "xl.safetensors", "--json").out)
+    assert described["lora"]["family"] == "SDXL", described["lora"]
+    assert described["lora"]["layers"] == {"unet": 1, "text_encoder_2": 1}, described["lora"]
+    # SD 1.5's UNet layer beside SDXL's second text encoder: a LoRA for no model.
+    sd15_lora(tmp_path / "mixed.safetensors", layers={
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1": (5120, 1280)})
+    err = cli(capsys, "info", tmp_path / "mixed.safetensors", status=2).err
+    assert err.startswith("tritonsd: error: ") and "not a LoRA for SDXL: 1 of its layers name no layer" in err, err
+    assert err.count("\n") == 1, err
     err = cli(capsys, "txt2img", "x", "--model", tmp_path / "detail.safetensors", "-o", tmp_path / "a.png", status=2).err
     assert "not a model but a LoRA" in err and "--lora" in err, err
 

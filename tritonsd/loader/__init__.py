@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from tritonsd.engine.config import PARTS, ModelConfig, parse_json, read_json
+from tritonsd.engine.config import FAMILIES, PARTS, ModelConfig, parse_json, read_json
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.engine.tokenizer import CLIPTokenizer
 from tritonsd.files import atomic_write, check_output
@@ -33,7 +33,7 @@ from tritonsd.loader.infer import (
     FAMILY_LIST, SUPPORTED, architecture, config_from_diffusers, config_mismatches, infer_config,
     probe_prediction_type, stated_prediction_type,
 )
-from tritonsd.loader.lora import describe_lora
+from tritonsd.loader.lora import TWO_TOWERS, describe_lora
 
 # How to use the files that are not a model but go with one.
 USES = {
@@ -347,6 +347,18 @@ def describe(path) -> dict:
     if name in USES:  # a valid file of another kind: say what it is for, not that it is no model
         info["use"], info["problem"] = USES[name], None
     if name == "a LoRA":
-        info["lora"] = describe_lora(found.state, found.metadata, StableDiffusion.on_meta(ModelConfig()))
-        info["problem"] = info["lora"]["problem"] and f"{path}: not a LoRA for SD 1.x: {info['lora']['problem']}"
+        info["lora"] = _describe_lora(found.state, found.metadata)
+        info["problem"] = info["lora"]["problem"] and f"{path}: {info['lora']['problem']}"
     return info
+
+
+def _describe_lora(state: dict, metadata: dict) -> dict:
+    """describe_lora against each family's model, with "family": the first it fits; if it fits none, the problem
+    with the family its text-encoder names point to (two towers: SDXL)."""
+    found = {}
+    for family, config in FAMILIES.items():
+        found[family] = describe_lora(state, metadata, StableDiffusion.on_meta(config))
+        if found[family]["problem"] is None:
+            return {**found[family], "family": family}
+    family = "SDXL" if any(k.startswith(TWO_TOWERS) for k in state) else "SD 1.x"
+    return {**found[family], "family": None, "problem": f"not a LoRA for {family}: {found[family]['problem']}"}

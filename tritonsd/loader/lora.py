@@ -2,12 +2,14 @@
 
 Formats (told apart by their tensor names):
 - kohya-ss / AUTOMATIC1111: `lora_unet_<module path with _>.lora_down.weight / .lora_up.weight / .alpha` and
-  `lora_te_…` for the text encoder, with diffusers-style (`down_blocks_0_attentions_0_…`) or CompVis-style
-  (`input_blocks_4_1_…`) module paths; linear and convolution layers (LoCon, with its optional `lora_mid` core);
+  `lora_te_…` for the text encoder (SDXL: `lora_te1_…` CLIP ViT-L, `lora_te2_…` OpenCLIP ViT-bigG), with
+  diffusers-style (`down_blocks_0_attentions_0_…`) or CompVis-style (`input_blocks_4_1_…`, as most SDXL LoRAs have)
+  module paths; linear and convolution layers (LoCon, with its optional `lora_mid` core);
 - LyCORIS LoHa (`hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b[, hada_t1, hada_t2]`) and LoKr
   (`lokr_w1 | lokr_w1_a/b, lokr_w2 | lokr_w2_a/b[, lokr_t2]`) under the same module names;
 - diffusers / PEFT: `unet.<diffusers module>.lora_A.weight / lora_B.weight` (or `.lora.down/.lora.up`), the older
-  `….processor.to_q_lora.down.weight`, and `text_encoder.…`, with PEFT's alpha from diffusers' adapter metadata.
+  `….processor.to_q_lora.down.weight`, and `text_encoder.…` (SDXL: and `text_encoder_2.…`), with PEFT's alpha from
+  diffusers' adapter metadata.
 
 Scaling follows AUTOMATIC1111 and ComfyUI: ΔW = multiplier · (alpha / rank) · update, where the rank is the first
 dimension of lora_down (hada_w1_b; for LoKr, lokr_w2_b's or else lokr_w1_b's) and a layer without alpha (or a LoKr
@@ -181,11 +183,21 @@ def _rank(kind: str, f: dict[str, torch.Tensor]) -> int | None:
 
 # --- where layers go ------------------------------------------------------------------------------------------------
 
+# The networks a LoRA patches; text_encoder_2 only in SDXL base.
+PARTS = ("unet", "text_encoder", "text_encoder_2")
+# A LoRA's names for the text towers -> the engine's: kohya's lora_te_ (one tower), lora_te1_/lora_te2_ (SDXL's two),
+# diffusers' text_encoder./text_encoder_2.
+KOHYA_TEXT = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+TWO_TOWERS = ("lora_te1_", "lora_te2_", "text_encoder_2.")
+
+
 def lora_targets(model: nn.Module) -> dict[str, Target]:
     """{engine module path, as kohya writes it (dots as underscores): Target} for every linear and convolution
-    weight of the UNet and the text encoder; q/k/v of the UNet's attention are rows of its joined weight."""
+    weight of the UNet and the text encoders; q/k/v of the UNet's attention are rows of its joined weight."""
     targets = {}
-    for part in ("unet", "text_encoder"):
+    for part in PARTS:
+        if getattr(model, part, None) is None:
+            continue
         for path, module in getattr(model, part).named_modules(prefix=part):
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 targets[path] = Target(f"{path}.weight", slice(None), module.weight.shape)
@@ -222,20 +234,22 @@ class _Resolver:
                 return self.targets.get("_".join(filter(None, ("unet", block, inner))).replace(".", "_"))
         return None
 
-    def text(self, path: str) -> Target | None:
-        return self.targets.get("text_encoder_" + path.removeprefix("text_model_"))
+    def text(self, part: str, path: str) -> Target | None:
+        return self.targets.get(f"{part}_{path.removeprefix('text_model_')}")
 
     def __call__(self, module: str) -> Target | None:
-        """module: a kohya name (lora_unet_…, lora_te_…) or a diffusers/PEFT dotted one (unet.…, text_encoder.…)."""
+        """module: a kohya name (lora_unet_…, lora_te_…, lora_te1_…, lora_te2_…) or a diffusers/PEFT dotted one
+        (unet.…, text_encoder.…, text_encoder_2.…)."""
         if module.startswith("lora_unet_"):
             return self.unet(module.removeprefix("lora_unet_"))
-        if module.startswith("lora_te_"):
-            return self.text(module.removeprefix("lora_te_"))
+        for prefix, part in KOHYA_TEXT.items():
+            if module.startswith(prefix):
+                return self.text(part, module.removeprefix(prefix))
         part, _, path = module.partition(".")
         if part == "unet":
             return self.unet(path.replace(".", "_"))
-        if part == "text_encoder":
-            return self.text(path.replace(".", "_"))
+        if part in ("text_encoder", "text_encoder_2"):
+            return self.text(part, path.replace(".", "_"))
         return None
 
 
@@ -293,10 +307,10 @@ def _peft_alphas(metadata: dict) -> dict[str, tuple[float, dict]]:
         return {}
     try:
         meta = json.loads(raw)
-        if any(meta.get(f"{part}.use_dora") for part in ("unet", "text_encoder")):
+        if any(meta.get(f"{part}.use_dora") for part in PARTS):
             raise ValueError("uses DoRA (weight-decomposed LoRA), which tritonsd does not apply")
         return {part: (float(meta[f"{part}.lora_alpha"]), dict(meta.get(f"{part}.alpha_pattern") or {}))
-                for part in ("unet", "text_encoder") if f"{part}.lora_alpha" in meta}
+                for part in PARTS if f"{part}.lora_alpha" in meta}
     except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"unreadable lora_adapter_metadata ({e})") from None
 
@@ -319,8 +333,14 @@ def read_lora(path, model: nn.Module, targets: dict[str, Target] | None = None) 
 
 
 def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Target]) -> tuple[list[Layer], str]:
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in raw) or any(k.startswith("text_encoder_2.") for k in raw):
-        raise ValueError("is an SDXL LoRA (it patches two text encoders); tritonsd runs SD 1.x models")
+    family = model.config.family
+    two_towers = model.text_encoder_2 is not None
+    if not two_towers and any(k.startswith(TWO_TOWERS) for k in raw):
+        raise ValueError(f"is an SDXL LoRA (it patches two text encoders: lora_te1_/lora_te2_ or text_encoder_2.); "
+                         f"this model is {family}")
+    if two_towers and any(k.startswith("lora_te_") for k in raw):
+        raise ValueError(f"is a LoRA for a model with one text encoder (lora_te_: SD 1.x or 2.x); this model is "
+                         f"{family}, whose two text encoders kohya names lora_te1_ and lora_te2_")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
         module, leaf = _split(key)
@@ -358,10 +378,10 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
             raise ValueError(
                 f"layer {module} does not fit the model: it makes a {rows}-row update of {numel} elements for "
                 f"{target.param} rows {target.rows.start or 0}:{target.rows.stop or target.shape[0]}, whose weight is "
-                f"{list(target.shape)}; it is a LoRA for another model"
+                f"{list(target.shape)}; it is a LoRA for another model than this {family} one"
             )
         rank = _rank(kind, f)
-        if alpha is None and module.startswith(("unet.", "text_encoder.")):
+        if alpha is None and module.startswith(tuple(f"{part}." for part in PARTS)):
             part = module.split(".", 1)[0]
             if part in peft:
                 base, pattern = peft[part]
@@ -381,7 +401,7 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
     if unplaced:
         more = f", ... ({len(unplaced) - 5} more)" if len(unplaced) > 5 else ""
         raise ValueError(f"{len(unplaced)} of its layers name no layer of this model: {', '.join(unplaced[:5])}{more}; "
-                         "it is a LoRA for another architecture")
+                         f"it is a LoRA for another architecture than this {family} one")
     seen: dict[tuple, str] = {}
     for layer in layers:
         key = (layer.target.param, layer.target.rows.start)
@@ -407,6 +427,6 @@ def describe_lora(raw: dict, metadata: dict, model: nn.Module) -> dict:
         info["problem"] = str(e)
         return info
     parts = [layer.target.param.split(".", 1)[0] for layer in layers]
-    info["layers"] = {part: parts.count(part) for part in ("unet", "text_encoder") if part in parts}
+    info["layers"] = {part: parts.count(part) for part in PARTS if part in parts}
     info["ranks"] = sorted({r for layer in layers if (r := _rank(layer.kind, layer.factors)) is not None})
     return info
