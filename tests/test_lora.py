@@ -637,3 +637,159 @@ def test_cli_refuses_bad_lora_and_vae_options(capsys, tmp_path, extra, message):
     assert err.startswith("tritonsd: error: ") and err.count("\n") == 1, err
     assert message.format(tmp=tmp_path) in err, f"expected {message!r} in {err!r}"
     assert not (tmp_path / "a.png").exists()
+
+
+# --- SDXL ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    """The tiny SDXL base as an original single file (its config beside it), and its weights."""
+    from tiny import TINY_SDXL, original_sdxl_checkpoint
+
+    root = tmp_path_factory.mktemp("xl-lora")
+    state = random_state(TINY_SDXL, seed=11)
+    ckpt = original_sdxl_checkpoint(state)
+    single = root / "xl.safetensors"
+    safetensors.torch.save_file(ckpt, single)
+    single.with_suffix(".json").write_text(TINY_SDXL.to_json())
+    return root, single, ckpt
+
+
+def xl_diffusers(ckpt: dict) -> dict[str, torch.nn.Module]:
+    """diffusers' UNet and transformers' two towers holding an original SDXL checkpoint's weights, converted by
+    diffusers' own single-file code."""
+    from diffusers.loaders import single_file_utils as sf
+    from tiny import TINY_SDXL, diffusers_text_towers, unet_diffusers_config
+
+    config = unet_diffusers_config(TINY_SDXL, ckpt)
+    unet = diffusers.UNet2DConditionModel(**config)
+    unet.load_state_dict(sf.convert_ldm_unet_checkpoint(ckpt, config), strict=True)
+    return {"unet": unet, **diffusers_text_towers(ckpt, TINY_SDXL)}
+
+
+def xl_fused(ckpt: dict, lora, scale: float) -> dict[str, dict]:
+    """The weights diffusers' StableDiffusionXLPipeline has after load_lora_weights + fuse_lora at `scale`."""
+    parts = xl_diffusers(ckpt)
+    pipeline = diffusers.StableDiffusionXLPipeline(vae=None, tokenizer=None, tokenizer_2=None,
+                                                   scheduler=diffusers.EulerDiscreteScheduler(), **parts)
+    pipeline.load_lora_weights(str(lora))
+    pipeline.fuse_lora(lora_scale=scale)
+    pipeline.unload_lora_weights()
+    return {name: module.state_dict() for name, module in parts.items()}
+
+
+def xl_engine(single, lora, scale: float) -> tuple[dict, dict]:
+    """The engine's weights with the LoRA applied (as diffusers names them, by diffusers' conversion of the original
+    file the engine's weights make), and without it."""
+    from tritonsd.engine.lora import CheckpointBase, LoraSet
+    from tritonsd.loader import load
+    from tritonsd.loader.convert import to_original
+
+    model, _ = load(single)
+    loras = LoraSet(model, CheckpointBase(single))
+    loras.load(lora, scale)
+    patched = {name: module.state_dict() for name, module in xl_diffusers(to_original(model.state_dict())).items()}
+    loras.unload()
+    base = {name: module.state_dict() for name, module in xl_diffusers(to_original(model.state_dict())).items()}
+    return patched, base
+
+
+def assert_xl_weights(got: dict, want: dict, base: dict, patched: int):
+    changed = 0
+    for part, tensors in want.items():
+        for key, w in tensors.items():
+            g = got[part][key]
+            assert torch.allclose(g, w, rtol=1e-5, atol=1e-6), \
+                f"{part}.{key}: max abs err {(g - w).abs().max():.2e} against diffusers"
+            changed += not torch.equal(base[part][key], w)
+    assert changed >= patched, f"only {changed} weights changed; the LoRA patches {patched}"
+
+
+def xl_layers(ckpt: dict, compvis: bool = False) -> dict[str, tuple[str, torch.Size]]:
+    """{kohya module name: weight shape} for every attention, feed-forward and projection layer of the UNet (and,
+    with diffusers-style names, the first ResNet convolutions: LoCon) and every linear layer of both towers. compvis:
+    the UNet's layers under their CompVis (sgm) names, read off diffusers' own single-file converter."""
+    from diffusers.loaders import single_file_utils as sf
+    from tiny import TINY_SDXL, unet_diffusers_config
+
+    parts = xl_diffusers(ckpt)
+    wanted = ("attn1.to_", "attn2.to_", "ff.net", "proj_in", "proj_out") + (() if compvis else ("resnets.0.conv1",))
+    where = {}
+    if compvis:
+        converted = sf.convert_ldm_unet_checkpoint(ckpt, unet_diffusers_config(TINY_SDXL, ckpt))
+        original = {t.data_ptr(): k.removeprefix("model.diffusion_model.") for k, t in ckpt.items()}
+        where = {k.removesuffix(".weight"): original[t.data_ptr()].removesuffix(".weight") for k, t in converted.items()}
+    layers = {"lora_unet_" + where.get(n, n).replace(".", "_"): m.weight.shape
+              for n, m in parts["unet"].named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(w in n for w in wanted)}
+    for prefix, part in (("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2")):
+        layers |= {prefix + "text_model_" + n.removeprefix("text_model.").replace(".", "_"): m.weight.shape
+                   for n, m in parts[part].named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    return layers
+
+
+@pytest.mark.parametrize("compvis", [False, True], ids=["diffusers-names", "compvis-names"])
+def test_sdxl_kohya_lora_matches_diffusers(xl, compvis, tmp_path):
+    """lora_unet_ in diffusers' or CompVis' module names (diffusers maps both for SDXL), lora_te1_ on CLIP ViT-L and
+    lora_te2_ on bigG, whose q/k/v the original file packs into one in_proj."""
+    _, single, ckpt = xl
+    layers = xl_layers(ckpt, compvis)
+    assert any(("input_blocks_7_1_transformer_blocks_1" if compvis else "down_blocks_2_attentions_0_transformer_blocks_1")
+               in k for k in layers) and any(k.startswith("lora_te2_") for k in layers)
+    path = tmp_path / "xl-kohya.safetensors"
+    write_kohya(path, random_lora(layers, seed=2), names=lambda n: n)
+    got, base = xl_engine(single, path, 0.8)
+    assert_xl_weights(got, xl_fused(ckpt, path, 0.8), base, patched=len(layers))
+
+
+def test_sdxl_peft_lora_matches_diffusers(xl, tmp_path):
+    """unet., text_encoder. and text_encoder_2. adapters with lora_alpha != r, written by diffusers'
+    save_lora_weights with its adapter metadata."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    _, single, ckpt = xl
+    torch.manual_seed(4)
+    parts = xl_diffusers(ckpt)
+    configs = {"unet": LoraConfig(r=RANK, lora_alpha=6, init_lora_weights=False, target_modules=[
+                   "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]),
+               "text_encoder": LoraConfig(r=2, lora_alpha=3, init_lora_weights=False,
+                                          target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+               "text_encoder_2": LoraConfig(r=2, lora_alpha=5, init_lora_weights=False,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])}
+    for name, config in configs.items():
+        inject_adapter_in_model(config, parts[name])
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path, weight_name="xl-peft.safetensors",
+        **{f"{name}_lora_layers": get_peft_model_state_dict(parts[name]) for name in configs},
+        **{f"{name}_lora_adapter_metadata": config.to_dict() for name, config in configs.items()})
+    path = tmp_path / "xl-peft.safetensors"
+    assert any(k.startswith("text_encoder_2.") for k in safetensors.torch.load_file(path))
+    got, base = xl_engine(single, path, 0.7)
+    assert_xl_weights(got, xl_fused(ckpt, path, 0.7), base, patched=1)
+
+
+def test_loras_of_another_family_are_refused_by_name_and_change_nothing(files, xl, tmp_path):
+    """An SDXL LoRA on SD 1.x and an SD 1.x LoRA (kohya's single lora_te_ tower, or UNet layers of SD 1.x's shapes)
+    on SDXL."""
+    from tritonsd.engine.lora import CopiedBase, LoraSet
+    from tritonsd.loader import load
+
+    _, single, ckpt = xl
+    xl_lora = tmp_path / "xl.safetensors"
+    write_kohya(xl_lora, random_lora(dict(list(xl_layers(ckpt).items())[::7]), seed=3), names=lambda n: n)
+    sd1_lora = tmp_path / "sd1.safetensors"
+    write_kohya(sd1_lora, random_lora(diffusers_modules(files[2]), seed=4))
+    sd1_unet = tmp_path / "sd1-unet.safetensors"
+    safetensors.torch.save_file({k: v for k, v in safetensors.torch.load_file(sd1_lora).items()
+                                 if k.startswith("lora_unet_") and "attentions_0" in k}, sd1_unet)
+    cases = [(files[1], TINY, xl_lora, "is an SDXL LoRA .* this model is SD 1.x"),
+             (single, None, sd1_lora, "is a LoRA for a model with one text encoder .* this model is SDXL"),
+             (single, None, sd1_unet, "it is a LoRA for another (model|architecture) than this SDXL one")]
+    for checkpoint, config, lora, message in cases:
+        model, _ = load(checkpoint, config=config)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        loras = LoraSet(model, CopiedBase())
+        with pytest.raises(CheckpointError, match=message):
+            loras.load(lora)
+        assert loras.scales == {} and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
