@@ -344,7 +344,7 @@ def test_config_that_disagrees_with_shapes_names_the_fields(tmp_path, tiny_state
     path = tmp_path / "model.safetensors"
     write_single_file(path, tiny_state)
     wrong = dataclasses.replace(TINY, unet=dataclasses.replace(TINY.unet, num_res_blocks=1, channel_mult=(1, 2, 2),
-                                                               transformer_depth=1),
+                                                                  transformer_depth=1),
                                 text=dataclasses.replace(TINY.text, num_hidden_layers=200))
     with pytest.raises(CheckpointError) as e:
         loader.load(path, config=wrong)

@@ -3,6 +3,7 @@ set_adapters for two at once) on the same weights and seed; LoHa and LoKr equal 
 in by the definitions, written out here in float64; switching is exact; bad files are refused with the weights left
 as they were."""
 
+import dataclasses
 import hashlib
 import json
 
@@ -13,7 +14,10 @@ import torch
 
 from tritonsd import CheckpointError, Pipeline
 from tritonsd.engine.lora import extract_lora_tags
-from tiny import TINY, original_checkpoint, random_state, write_diffusers_folder, write_single_file
+from tritonsd.engine.model import StableDiffusion
+from tritonsd.engine.tokenizer import CLIPTokenizer
+from tritonsd.loader.lora import lora_targets
+from tiny import TINY, TINY_SD2, original_checkpoint, random_state, write_diffusers_folder, write_single_file
 from test_parity import diffusers_pipeline, psnr
 
 diffusers = pytest.importorskip("diffusers")
@@ -41,7 +45,7 @@ def pipe(files):
     return Pipeline.from_checkpoint(files[1], config=TINY)
 
 
-def theirs(folder):
+def theirs(folder, family="sd1"):
     """A fresh diffusers pipeline on the tiny weights (LoRAs change its modules)."""
     parts = dict(
         unet=diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").eval(),
@@ -49,7 +53,7 @@ def theirs(folder):
         text_encoder=transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77),
     )
-    return diffusers_pipeline(parts, "sd1", "euler", img2img=False)
+    return diffusers_pipeline(parts, family, "euler", img2img=False)
 
 
 def their_image(pipeline) -> np.ndarray:
@@ -172,12 +176,15 @@ def test_kohya_compvis_names_give_the_same_image(pipe, files, kohya, tmp_path):
 
 @pytest.fixture(scope="module")
 def peft_file(files):
+    return write_peft(files[2], files[0] / "peft.safetensors")
+
+
+def write_peft(folder, path):
     """A LoRA trained-and-saved the diffusers way: PEFT adapters on diffusers' UNet and transformers' CLIP, with
     lora_alpha != r so the scaling counts, written by diffusers' save_lora_weights with its adapter metadata."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
-    root, _, folder, _ = files
     torch.manual_seed(3)
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
     text = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder")
@@ -188,10 +195,10 @@ def peft_file(files):
     inject_adapter_in_model(unet_config, unet)
     inject_adapter_in_model(text_config, text)
     diffusers.StableDiffusionPipeline.save_lora_weights(
-        root, unet_lora_layers=get_peft_model_state_dict(unet), text_encoder_lora_layers=get_peft_model_state_dict(text),
-        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict(),
-        weight_name="peft.safetensors")
-    return root / "peft.safetensors"
+        path.parent, unet_lora_layers=get_peft_model_state_dict(unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(text), unet_lora_adapter_metadata=unet_config.to_dict(),
+        text_encoder_lora_adapter_metadata=text_config.to_dict(), weight_name=path.name)
+    return path
 
 
 def test_peft_lora_matches_diffusers(pipe, files, peft_file):
@@ -247,6 +254,87 @@ def test_attention_processor_names_equal_peft_names(pipe, peft_file, tmp_path):
         pipe.unload_lora()
     differ = [k for k in params[0] if not torch.equal(params[0][k], params[1][k])]
     assert not differ, f"processor-style names patch other weights: {differ[:5]}"
+
+
+# --- SD 2.x ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    """TINY_SD2 as an original single file, its text tower in OpenCLIP's layout (one packed in_proj per block, where
+    the LoRAs' q/k/v updates go), and as a diffusers folder; our pipeline on the single file; a kohya LoRA of every
+    layer a full LoRA patches, text q/k/v included, and a PEFT one."""
+    root = tmp_path_factory.mktemp("lora-sd2")
+    single, folder = root / "sd2.safetensors", root / "sd2-diffusers"
+    ckpt = write_single_file(single, random_state(TINY_SD2, seed=2), open_clip=True)
+    assert any(k.endswith("attn.in_proj_weight") for k in ckpt)
+    write_diffusers_folder(folder, ckpt, TINY_SD2)
+    kohya = root / "kohya.safetensors"
+    write_kohya(kohya, random_lora(diffusers_modules(folder), seed=4))
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_k_proj.") for k in safetensors.torch.load_file(kohya))
+    loras = {"kohya": kohya, "peft": write_peft(folder, root / "peft.safetensors")}
+    return Pipeline.from_checkpoint(single, config=TINY_SD2), folder, loras
+
+
+@pytest.mark.parametrize("kind", ["kohya", "peft"])
+def test_sd2_loras_match_diffusers_on_the_packed_open_clip_tower(sd2, kind):
+    """diffusers reads kohya's names (lora_te_text_model_encoder_layers_N_self_attn_q_proj, as AUTOMATIC1111 does for
+    SD 2.x, onto OpenCLIP's in_proj) and PEFT's with its own conversion; the text conditioning and the image must
+    equal ours, and unloading must give the packed file's weights back bit for bit."""
+    pipe, folder, loras = sd2
+    before, base_context = weights(pipe), pipe.encode_prompt(PROMPT)
+    reference = theirs(folder, "sd2")
+    reference.load_lora_weights(str(loras[kind]))
+    reference.fuse_lora(lora_scale=0.8)
+    want_context = reference.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    want = their_image(reference)
+    pipe.load_lora(loras[kind], scale=0.8)
+    try:
+        context, got = pipe.encode_prompt(PROMPT), pipe.txt2img(PROMPT, **GEN)
+    finally:
+        pipe.unload_lora()
+    assert_weights_equal(pipe, before, f"SD 2.x after unloading the {kind} LoRA")
+    err = ((context - want_context).norm() / want_context.norm()).item()
+    assert err <= 1e-5, f"{kind}: text conditioning with the LoRA differs from diffusers' by {err:.2e}"
+    assert not torch.allclose(base_context, want_context, atol=1e-2), "the LoRA hardly changes the text conditioning"
+    assert psnr(pipe.txt2img(PROMPT, **GEN), want) < 25, f"the {kind} LoRA hardly changes the image"
+    assert_close_images(got, want, f"SD 2.x, {kind} LoRA at 0.8")
+
+
+# --- other families' LoRAs -----------------------------------------------------------------------------------------
+
+def wide(config, width: int):
+    """A config at a real family's text width (SD 1.x 768, SD 2.x 1024) and otherwise tiny: the shapes a LoRA for
+    that family has where it meets the text features."""
+    text = dataclasses.replace(config.text, hidden_size=width, vocab_size=8, intermediate_size=64)
+    return dataclasses.replace(config, text=text, unet=dataclasses.replace(config.unet, context_dim=width))
+
+
+def family_lora(path, config):
+    """A kohya LoRA of a text-encoder query and a UNet cross-attention key, for the model of `config`."""
+    targets = lora_targets(StableDiffusion.on_meta(config))
+    layers = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj": "text_encoder_encoder_layers_0_self_attn_q_proj",
+              "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k":
+                  "unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"}
+    write_kohya(path, random_lora({name: targets[t].shape for name, t in layers.items()}, seed=6), names=str)
+
+
+@pytest.mark.parametrize("model_family, lora_family", [("SD 2.x", "SD 1.x"), ("SD 1.x", "SD 2.x")])
+def test_a_lora_for_another_family_is_refused_and_changes_nothing(tmp_path, model_family, lora_family):
+    configs = {"SD 1.x": wide(TINY, 768), "SD 2.x": wide(TINY_SD2, 1024)}
+    widths = {"SD 1.x": 768, "SD 2.x": 1024}
+    torch.manual_seed(0)
+    pipe = Pipeline(StableDiffusion(configs[model_family]).eval(), CLIPTokenizer.default())
+    family_lora(tmp_path / "own.safetensors", configs[model_family])
+    family_lora(tmp_path / "other.safetensors", configs[lora_family])
+    pipe.load_lora(tmp_path / "own.safetensors", scale=0.5)
+    before = weights(pipe)
+    with pytest.raises(CheckpointError) as e:
+        pipe.load_lora(tmp_path / "other.safetensors")
+    message = (f"other.safetensors: is a LoRA for {lora_family} (its cross-attention reads {widths[lora_family]}-wide "
+               f"text features), but this model is {model_family}, whose text features are {widths[model_family]} wide")
+    assert message in str(e.value), str(e.value)
+    assert_weights_equal(pipe, before, f"{model_family} after refusing an {lora_family} LoRA")
+    assert pipe.loras == {"own": 0.5}
 
 
 # --- LyCORIS against the definitions -------------------------------------------------------------------------------
@@ -496,7 +584,8 @@ BAD = [
     ("another architecture", _edit(lambda t: t.update({"lora_unet_joint_blocks_0_x_attn_qkv.lora_down.weight": torch.zeros(2, 8),
                                                        "lora_unet_joint_blocks_0_x_attn_qkv.lora_up.weight": torch.zeros(8, 2)})),
      "1 of its layers name no layer of this model: lora_unet_joint_blocks_0_x_attn_qkv"),
-    ("SDXL", _edit(lambda t: t.update({"lora_te2_text_model_x.lora_down.weight": torch.zeros(2, 8)})), "is an SDXL LoRA"),
+    ("SDXL", _edit(lambda t: t.update({"lora_te2_text_model_x.lora_down.weight": torch.zeros(2, 8)})),
+     r"is a LoRA for SDXL \(it patches two text encoders: lora_te2_\), but this model is SD 1.x"),
     ("NaN", _edit(lambda t: t[_first(t, "lora_down.weight")].view(-1).__setitem__(3, float("nan"))),
      "lora_down.weight holds NaN or infinite values"),
     ("DoRA", _edit(lambda t: t.update({_first(t, "lora_down.weight").replace("lora_down.weight", "dora_scale"): torch.ones(32, 1)})),
@@ -578,13 +667,14 @@ def test_cli_applies_loras_and_records_their_hashes(capsys, files, kohya, peft_f
     assert np.array_equal(got, np.asarray(want)), "the command line's image differs from the API's"
 
 
-def sd15_lora(path, sdxl=False, layers=None):
-    """A kohya LoRA for two full-size layers of SD 1.5 (or of SDXL: CompVis-style UNet name, second text encoder)."""
+def sd15_lora(path, sdxl=False, width=768, layers=None):
+    """A kohya LoRA for two full-size SD 1.5 layers (width 1024: SD 2.x's; or SDXL's: a CompVis-style UNet name and
+    the second text encoder), or for the given {name: (rows, columns)}."""
     if layers is None:
         layers = ({"lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q": (640, 640),
                    "lora_te2_text_model_encoder_layers_0_mlp_fc1": (5120, 1280)} if sdxl else
                   {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
-                   "lora_te_text_model_encoder_layers_0_mlp_fc1": (3072, 768)})
+                   "lora_te_text_model_encoder_layers_0_mlp_fc1": (4 * width, width)})
     tensors = {}
     for name, (out, inp) in layers.items():
         tensors |= {f"{name}.lora_down.weight": torch.zeros(4, inp), f"{name}.lora_up.weight": torch.zeros(out, 4),
@@ -597,7 +687,14 @@ def test_info_says_what_a_lora_or_vae_is_and_how_to_use_it(capsys, files, tmp_pa
     out = cli(capsys, "info", tmp_path / "detail.safetensors").out
     rows = dict(line.split(None, 1) for line in out.splitlines()[1:])
     assert rows["architecture"].startswith("a LoRA"), out
-    assert rows["lora"] == "kohya; layers: unet 1, text_encoder 1; rank 4", out
+    assert rows["lora"] == "kohya for SD 1.x; layers: unet 1, text_encoder 1; rank 4", out
+    sd15_lora(tmp_path / "sd2.safetensors", width=1024)
+    out = cli(capsys, "info", tmp_path / "sd2.safetensors").out
+    assert "  lora          kohya for SD 2.x; layers: unet 1, text_encoder 1; rank 4" in out, out
+    unet_only = {k: v for k, v in safetensors.torch.load_file(tmp_path / "sd2.safetensors").items() if "unet" in k}
+    safetensors.torch.save_file(unet_only, tmp_path / "unet.safetensors")
+    out = cli(capsys, "info", tmp_path / "unet.safetensors").out
+    assert "kohya for SD 1.x or SD 2.x; layers: unet 1; rank 4" in out, out
     assert "--lora PATH[:SCALE]" in rows["use"], out
 
     vae = {k.removeprefix("first_stage_model."): v for k, v in original_checkpoint(files[3]).items()
@@ -615,7 +712,8 @@ def test_info_says_what_a_lora_or_vae_is_and_how_to_use_it(capsys, files, tmp_pa
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
         "lora_te2_text_model_encoder_layers_0_mlp_fc1": (5120, 1280)})
     err = cli(capsys, "info", tmp_path / "mixed.safetensors", status=2).err
-    assert err.startswith("tritonsd: error: ") and "not a LoRA for SDXL: 1 of its layers name no layer" in err, err
+    assert err.startswith("tritonsd: error: ") and "not a LoRA for any model tritonsd runs" in err, err
+    assert "1 of its layers name no layer of this model" in err and "than this SDXL one" in err, err
     assert err.count("\n") == 1, err
     err = cli(capsys, "txt2img", "x", "--model", tmp_path / "detail.safetensors", "-o", tmp_path / "a.png", status=2).err
     assert "not a model but a LoRA" in err and "--lora" in err, err
@@ -783,8 +881,9 @@ def test_loras_of_another_family_are_refused_by_name_and_change_nothing(files, x
     sd1_unet = tmp_path / "sd1-unet.safetensors"
     safetensors.torch.save_file({k: v for k, v in safetensors.torch.load_file(sd1_lora).items()
                                  if k.startswith("lora_unet_") and "attentions_0" in k}, sd1_unet)
-    cases = [(files[1], TINY, xl_lora, "is an SDXL LoRA .* this model is SD 1.x"),
-             (single, None, sd1_lora, "is a LoRA for a model with one text encoder .* this model is SDXL"),
+    cases = [(files[1], TINY, xl_lora, "is a LoRA for SDXL .*, but this model is SD 1.x"),
+             (single, None, sd1_lora, r"is a LoRA for SD 1.x or 2.x \(kohya's lora_te_ names a model with one text "
+                                      "encoder\), but this model is SDXL"),
              (single, None, sd1_unet, "it is a LoRA for another (model|architecture) than this SDXL one")]
     for checkpoint, config, lora, message in cases:
         model, _ = load(checkpoint, config=config)

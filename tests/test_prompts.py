@@ -254,7 +254,7 @@ class Payload:
     (lambda p: torch.save({"t": torch.zeros(2, 3, HIDDEN)}, p), r"shape \[2, 3, 32\], not floating-point vectors"),
     (lambda p: torch.save({"t": torch.zeros(2, HIDDEN, dtype=torch.long)}, p), "torch.int64 tensor"),
     (lambda p: torch.save({"emb_params": torch.zeros(2, 1024)}, p),
-     "embedding vectors of size 1024, but this model's text encoder has hidden size 32"),
+     r"embedding vectors of size 1024 \(an SD 2.x embedding\), but this model's text encoder has hidden size 32;"),
     (lambda p: torch.save({"emb_params": torch.tensor([[math.nan] * HIDDEN])}, p), "NaN or infinite"),
 ], ids=["text", "two-tensors", "two-terms", "list", "pickled-code", "sdxl", "3d", "integer", "hidden-size", "nan"])
 def test_bad_embedding_files_are_refused(tmp_path, make, message, capsys):
@@ -263,6 +263,18 @@ def test_bad_embedding_files_are_refused(tmp_path, make, message, capsys):
     with pytest.raises(CheckpointError, match=message):
         read_embedding(path, HIDDEN)
     assert "pickled code ran" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("writer", [write_a1111_pt, write_a1111_safetensors])
+@pytest.mark.parametrize("width, hidden, message", [
+    (768, 1024, r"size 768 \(an SD 1.x embedding\), but this model's text encoder has hidden size 1024 \(SD 2.x\)"),
+    (1024, 768, r"size 1024 \(an SD 2.x embedding\), but this model's text encoder has hidden size 768 \(SD 1.x\)"),
+], ids=["sd1-on-sd2", "sd2-on-sd1"])
+def test_an_embedding_for_another_family_is_refused_by_family(tmp_path, writer, width, hidden, message):
+    path = tmp_path / "other.pt"
+    writer(path, torch.zeros(2, width))
+    with pytest.raises(CheckpointError, match=message):
+        read_embedding(path, hidden)
 
 
 def test_a_missing_embedding_file_is_named(tmp_path):
@@ -327,7 +339,7 @@ def test_load_textual_inversion_names_the_embedding_by_file_or_token(fresh, tmp_
 
 def test_a_wrong_hidden_size_embedding_is_refused_by_the_pipeline(fresh, tmp_path):
     torch.save({"string_to_param": {"*": torch.zeros(4, 768)}}, tmp_path / "sd15.pt")
-    with pytest.raises(CheckpointError, match="size 768, but this model's text encoder has hidden size 32"):
+    with pytest.raises(CheckpointError, match=r"size 768 \(an SD 1.x embedding\), but this model's text encoder has hidden size 32;"):
         fresh.load_textual_inversion(tmp_path / "sd15.pt")
     assert fresh.prompt_tokenizer.embeddings == [] and fresh.text_encoder.embeddings.extra is None
 

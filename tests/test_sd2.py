@@ -305,6 +305,80 @@ def test_an_unclip_diffusers_folder_is_refused_by_name(tmp_path, sd2_folder):
         loader.load(folder)
 
 
+# --- prompts: textual inversion and clip skip ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sd2_pipe(sd2_folder):
+    return Pipeline.from_checkpoint(sd2_folder)
+
+
+def their_pipeline(folder):
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    return diffusers.StableDiffusionPipeline(
+        unet=diffusers.UNet2DConditionModel.from_pretrained(folder / "unet"),
+        vae=diffusers.AutoencoderKL.from_pretrained(folder / "vae"),
+        text_encoder=transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=77),
+        scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_an_sd2_embedding_conditions_as_diffusers_load_textual_inversion(tmp_path, sd2_folder, suffix):
+    """An A1111 embedding as SD 2.x's are (vectors as wide as the OpenCLIP tower: 1024 at full size), in both of
+    A1111's formats; diffusers' load_textual_inversion reads both and gives the reference conditioning."""
+    from test_prompts import write_a1111_pt, write_a1111_safetensors
+
+    ours = Pipeline.from_checkpoint(sd2_folder)
+    table = ours.text_encoder.embeddings.token_embedding.weight
+    vectors = torch.randn(3, table.shape[1], generator=torch.Generator().manual_seed(1)) * table.std()
+    path = tmp_path / f"tsdstyle{suffix}"
+    (write_a1111_pt if suffix == ".pt" else write_a1111_safetensors)(path, vectors)
+    theirs = their_pipeline(sd2_folder)
+    theirs.load_textual_inversion(str(path), token="tsdstyle")
+    assert ours.load_textual_inversion(path) == "tsdstyle"
+    prompts = ["a tsdstyle photograph of a cat, tsdstyle", "tsdstyle"]
+    with torch.no_grad():
+        want = torch.cat([theirs.encode_prompt(p, "cpu", 1, False)[0] for p in prompts])
+    got = ours.encode_prompt(prompts)
+    err = ((got - want).norm() / want.norm()).item()
+    assert err <= 1e-5, f"{suffix}: conditioning with the embedding differs from diffusers' by {err:.2e}"
+    without = ours.encode_prompt("a photograph of a cat")
+    assert not torch.allclose(got[0], without[0], atol=1e-3), "the embedding hardly changes the conditioning"
+
+
+@pytest.mark.parametrize("width", [768, 1024])
+def test_embeddings_of_another_width_are_refused_by_the_sd2_pipeline(tmp_path, sd2_folder, width):
+    pipe = Pipeline.from_checkpoint(sd2_folder)
+    before = pipe.encode_prompt("a cat")
+    torch.save({"string_to_param": {"*": torch.zeros(2, width)}}, tmp_path / "other.pt")
+    family = {768: "SD 1.x", 1024: "SD 2.x"}[width]
+    with pytest.raises(CheckpointError, match=rf"size {width} \(an {family} embedding\), but this model's text encoder "
+                                              rf"has hidden size {TINY_SD2.text.hidden_size};"):
+        pipe.load_textual_inversion(tmp_path / "other.pt")
+    assert pipe.prompt_tokenizer.embeddings == [] and pipe.text_encoder.embeddings.extra is None
+    assert torch.equal(pipe.encode_prompt("a cat"), before)
+
+
+def test_clip_skip_is_ignored_on_sd2_as_automatic1111_ignores_it(sd2_pipe, caplog):
+    """A1111 never reads "Clip skip" for OpenCLIP (sd_hijack_open_clip.py): an SD 2.x prompt encodes the same at every
+    clip skip, with one warning; the text encoder itself still stops where it is told."""
+    ids = sd2_pipe.tokenizer(["a red cube"])
+    with torch.no_grad():
+        assert not torch.allclose(sd2_pipe.text_encoder(ids, clip_skip=2)[0], sd2_pipe.text_encoder(ids)[0]), \
+            "the test needs clip skip 2 to change the text encoder's output"
+    base = sd2_pipe.encode_prompt("a red cube")
+    with caplog.at_level(logging.WARNING, logger="tritonsd"):
+        for clip_skip in (2, 2, TINY_SD2.text.num_hidden_layers):
+            assert torch.equal(sd2_pipe.encode_prompt("a red cube", clip_skip=clip_skip), base), clip_skip
+    warnings = [r.getMessage() for r in caplog.records if "clip_skip" in r.getMessage()]
+    assert len(warnings) == 1 and "ignored" in warnings[0] and "AUTOMATIC1111" in warnings[0], warnings
+    gen = dict(steps=2, width=32, height=32, seed=3, output_type="np")
+    assert np.array_equal(sd2_pipe.txt2img("a red cube", clip_skip=2, **gen), sd2_pipe.txt2img("a red cube", **gen))
+    with pytest.raises(ValueError, match="clip_skip 3 is past the text encoder's first layer"):
+        sd2_pipe.encode_prompt("a red cube", clip_skip=TINY_SD2.text.num_hidden_layers + 1)
+
+
 # --- the command line --------------------------------------------------------------------------------------------------
 
 def run(capsys, *argv) -> tuple[str, str]:

@@ -183,6 +183,12 @@ def write_single_file(path, state: dict, fmt: str = "safetensors", text_prefix: 
     return ckpt
 
 
+def _yaml_depth(config: ModelConfig):
+    """transformer_depth as a YAML writes it: one number when every level that builds transformers has the same."""
+    depths = {d for d in config.unet.transformer_depth if d}
+    return depths.pop() if len(depths) == 1 else list(config.unet.transformer_depth)
+
+
 def original_config(config: ModelConfig) -> dict:
     """The CompVis YAML shape (v1-inference.yaml; v2-inference(-v).yaml; SDXL's label_emb as sgm's YAML gives it)
     that diffusers' single-file conversion reads."""
@@ -196,7 +202,7 @@ def original_config(config: ModelConfig) -> dict:
             "in_channels": u.in_channels, "out_channels": u.out_channels, "model_channels": u.model_channels,
             "channel_mult": list(u.channel_mult), "num_res_blocks": u.num_res_blocks,
             "attention_resolutions": list(u.attention_resolutions), **heads,
-            "transformer_depth": u.transformer_depth, "context_dim": u.context_dim,
+            "transformer_depth": _yaml_depth(config), "context_dim": u.context_dim,
             "use_linear_in_transformer": u.use_linear_in_transformer,
             # sgm's way of saying the UNet has label_emb (SDXL).
             **({"num_classes": "sequential", "adm_in_channels": u.adm_in_channels} if u.adm_in_channels else {}),

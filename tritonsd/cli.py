@@ -110,7 +110,8 @@ def _add_generation_options(p: argparse.ArgumentParser, size: bool, files: bool)
     """files: one run writing -o OUT.png (a random seed by default), else a batch run with seed 0 by default."""
     p.add_argument("--negative-prompt", default="", metavar="TEXT", help="what the image should not show")
     p.add_argument("--clip-skip", type=int, default=1, metavar="N",
-                   help="stop the text encoder N - 1 layers before its last (default: 1, all layers)")
+                   help="stop the text encoder N - 1 layers before its last (default: 1, all layers); "
+                        "SD 2.x ignores it, as AUTOMATIC1111 does")
     p.add_argument("--embeddings", metavar="DIR",
                    help=f"load every textual-inversion embedding ({', '.join(EMBEDDING_SUFFIXES)}) in DIR; "
                         "a file's name without its suffix names it in prompts")
@@ -548,7 +549,8 @@ def _info(args) -> None:
             lora = d["lora"]
             layers = ", ".join(f"{part} {n}" for part, n in lora["layers"].items())
             ranks = ", ".join(map(str, lora["ranks"]))
-            rows.append(("lora", lora["problem"] or f"{lora['format']}; layers: {layers}; rank {ranks}"))
+            rows.append(("lora", lora["problem"] or f"{lora['format']} for {lora['family']}; layers: {layers}; "
+                                                    f"rank {ranks}"))
         if "use" in d:
             rows.append(("use", d["use"]))
         for part, fields in (d["config"] or {}).items():

@@ -3,6 +3,7 @@ StableDiffusionImg2ImgPipeline, so the same seed gives the same image."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,11 @@ from tritonsd.engine.samplers import C_IN, COEFFICIENTS, TIMESTEP, SamplerPlan, 
 from tritonsd.engine.settings import (
     Settings, SettingError, check_config, check_device, check_dtype, check_path, prompt_lists, read_image,
 )
-from tritonsd.engine.text_encoder import check_clip_skip
+from tritonsd.engine.text_encoder import applies_clip_skip, check_clip_skip
 from tritonsd.engine.tokenizer import CLIPTokenizer
 from tritonsd.loader.formats import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(ValueError):
@@ -44,6 +47,7 @@ class Pipeline:
         self.vae_scale = 2 ** (len(self.config.vae.ch_mult) - 1)
         self.default_size = self.config.unet.sample_size * self.vae_scale
         self._graphs: GraphCache | None = None
+        self._told_clip_skip = False  # the warning that SD 2.x ignores clip_skip is given once
         self._loras = LoraSet(model, CheckpointBase(checkpoint) if checkpoint is not None else CopiedBase())
         self.lora_dirs = [Path(d) for d in lora_dirs]
         if self.device.type == "cuda":
@@ -148,9 +152,15 @@ class Pipeline:
     def encode_prompt(self, prompt: str | list[str], clip_skip: int = 1) -> torch.Tensor:
         """What the UNet attends to: [B, 77 * n, hidden] in the model dtype, for prompts in AUTOMATIC1111's syntax
         (tritonsd.engine.prompts), n the most chunks any of them takes; shorter prompts end in the empty prompt's
-        chunk."""
+        chunk. clip_skip applies to SD 1.x's CLIP only, as in AUTOMATIC1111 (applies_clip_skip)."""
         texts, _ = prompt_lists(prompt, "")
         check_clip_skip(clip_skip, self.text_encoder.clip_skip_range)
+        if clip_skip > 1 and not applies_clip_skip(self.config.text):
+            if not self._told_clip_skip:
+                logger.warning("clip_skip %d is ignored: as in AUTOMATIC1111, SD 2.x's OpenCLIP text encoder takes no "
+                               "clip skip (it already stops at its penultimate layer)", clip_skip)
+                self._told_clip_skip = True
+            clip_skip = 1
         batch = [self.prompt_tokenizer.chunks(text) for text in texts]
         context = encode_chunks(
             batch, self.prompt_tokenizer.empty,

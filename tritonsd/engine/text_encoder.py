@@ -126,6 +126,13 @@ class TextEncoder(nn.Module):
         return hidden, self.text_projection(pooled)
 
 
+def applies_clip_skip(cfg: TextConfig) -> bool:
+    """Whether prompts for this text tower take AUTOMATIC1111's "Clip skip": OpenAI's CLIP (SD 1.x) does; A1111 never
+    reads the setting for OpenCLIP's towers (SD 2.x), which already stop at their penultimate block. OpenCLIP's
+    towers are the ones with exact GELU, OpenAI's use its sigmoid approximation (quick_gelu)."""
+    return cfg.hidden_act == "quick_gelu"
+
+
 def check_clip_skip(clip_skip, layers: int | None = None) -> None:
     """clip_skip counts from the last layer (1); the first layer (clip_skip = layers) is the earliest there is.
     Without a layer count only the lower bound is checked (the command line, before a model is loaded)."""

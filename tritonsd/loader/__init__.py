@@ -33,7 +33,7 @@ from tritonsd.loader.infer import (
     FAMILY_LIST, SUPPORTED, architecture, config_from_diffusers, config_mismatches, infer_config,
     probe_prediction_type, stated_prediction_type,
 )
-from tritonsd.loader.lora import TWO_TOWERS, describe_lora
+from tritonsd.loader.lora import describe_lora
 
 # How to use the files that are not a model but go with one.
 USES = {
@@ -348,17 +348,19 @@ def describe(path) -> dict:
         info["use"], info["problem"] = USES[name], None
     if name == "a LoRA":
         info["lora"] = _describe_lora(found.state, found.metadata)
-        info["problem"] = info["lora"]["problem"] and f"{path}: {info['lora']['problem']}"
+        info["problem"] = info["lora"]["problem"] and (f"{path}: not a LoRA for any model tritonsd runs "
+                                                       f"({FAMILY_LIST}): {info['lora']['problem']}")
     return info
 
 
 def _describe_lora(state: dict, metadata: dict) -> dict:
-    """describe_lora against each family's model, with "family": the first it fits; if it fits none, the problem
-    with the family its text-encoder names point to (two towers: SDXL)."""
-    found = {}
-    for family, config in FAMILIES.items():
-        found[family] = describe_lora(state, metadata, StableDiffusion.on_meta(config))
-        if found[family]["problem"] is None:
-            return {**found[family], "family": family}
-    family = "SDXL" if any(k.startswith(TWO_TOWERS) for k in state) else "SD 1.x"
-    return {**found[family], "family": None, "problem": f"not a LoRA for {family}: {found[family]['problem']}"}
+    """describe_lora against each family's model (on the meta device), with the families it fits as its family
+    ("SD 1.x or SD 2.x" for one whose layers fit both); if it fits none, the problem against the family its names
+    or shapes name (else SD 1.x)."""
+    fits = {family: describe_lora(state, metadata, StableDiffusion.on_meta(config))
+            for family, config in FAMILIES.items()}
+    good = [family for family, lora in fits.items() if lora["problem"] is None]
+    if good:
+        return {**fits[good[0]], "family": " or ".join(good)}
+    first = next(iter(fits.values()))
+    return fits.get(first["family"], first)

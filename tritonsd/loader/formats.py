@@ -14,6 +14,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
+# The model families by the width of their text features: the text encoder's hidden size, which the UNet's
+# cross-attention reads (SDXL's two encoders, 768 and 1280 wide, are read together: 2048). Files made for a model
+# (LoRAs, embeddings) show it in their shapes, so a file for another family is refused as such.
+FAMILY_BY_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+
+
 # What diffusers and transformers call a part's weights, best first: safetensors before pickles, full before fp16.
 WEIGHT_FILES = [
     f"{stem}{variant}.{ext}"

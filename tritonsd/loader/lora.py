@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tritonsd.loader.convert import unet_rules
+from tritonsd.engine.config import FAMILIES
 from tritonsd.loader.formats import CheckpointError, read_file
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -333,14 +334,6 @@ def read_lora(path, model: nn.Module, targets: dict[str, Target] | None = None) 
 
 
 def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Target]) -> tuple[list[Layer], str]:
-    family = model.config.family
-    two_towers = model.text_encoder_2 is not None
-    if not two_towers and any(k.startswith(TWO_TOWERS) for k in raw):
-        raise ValueError(f"is an SDXL LoRA (it patches two text encoders: lora_te1_/lora_te2_ or text_encoder_2.); "
-                         f"this model is {family}")
-    if two_towers and any(k.startswith("lora_te_") for k in raw):
-        raise ValueError(f"is a LoRA for a model with one text encoder (lora_te_: SD 1.x or 2.x); this model is "
-                         f"{family}, whose two text encoders kohya names lora_te1_ and lora_te2_")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
         module, leaf = _split(key)
@@ -351,6 +344,13 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
     if not grouped or not any(leaf in set().union(*KINDS.values()) for g in grouped.values() for leaf in g):
         first = ", ".join(list(raw)[:5])
         raise ValueError(f"not a LoRA: none of its {len(raw)} tensors is a LoRA, LoHa or LoKr weight ({first})")
+    family, named = model.config.family, lora_family(raw)
+    if named is None and model.text_encoder_2 is not None and any(k.startswith("lora_te_") for k in raw):
+        named = "SD 1.x or 2.x", "kohya's lora_te_ names a model with one text encoder"
+    other = f"a LoRA for {named[0]} ({named[1]})" if named and named[0] != family else None
+    if other:  # its layers that read the text features cannot fit: say so before any layer is placed
+        raise ValueError(f"is {other}, but this model is {family}, whose text features are "
+                         f"{model.config.unet.context_dim} wide; a LoRA fits only the model family it was trained for")
     peft = _peft_alphas(metadata)
     resolve = _Resolver(model, targets)
     layers, unplaced, formats = [], [], set()
@@ -378,7 +378,7 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
             raise ValueError(
                 f"layer {module} does not fit the model: it makes a {rows}-row update of {numel} elements for "
                 f"{target.param} rows {target.rows.start or 0}:{target.rows.stop or target.shape[0]}, whose weight is "
-                f"{list(target.shape)}; it is a LoRA for another model than this {family} one"
+                f"{list(target.shape)}; it is {other or f'a LoRA for another model than this {family} one'}"
             )
         rank = _rank(kind, f)
         if alpha is None and module.startswith(tuple(f"{part}." for part in PARTS)):
@@ -401,7 +401,7 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
     if unplaced:
         more = f", ... ({len(unplaced) - 5} more)" if len(unplaced) > 5 else ""
         raise ValueError(f"{len(unplaced)} of its layers name no layer of this model: {', '.join(unplaced[:5])}{more}; "
-                         f"it is a LoRA for another architecture than this {family} one")
+                         f"it is {other or f'a LoRA for another architecture than this {family} one'}")
     seen: dict[tuple, str] = {}
     for layer in layers:
         key = (layer.target.param, layer.target.rows.start)
@@ -411,6 +411,40 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
     return layers, "+".join(sorted(formats))
 
 
+# Layers whose input is the text features: a one-tower text encoder's attention projections and first MLP layer
+# (its hidden size), and the UNet's cross-attention keys and values (its context: both towers' widths in SDXL).
+TEXT_INPUT = re.compile(r"(lora_te_|text_encoder\.).*(q_proj|k_proj|v_proj|out_proj|fc1)")
+CONTEXT_INPUT = re.compile(r"(lora_unet_|unet\.).*attn2[._]to_[kv]")
+# The family each width names, from the families' own configs: the UNet's context, and the text encoder's width for
+# the families with one tower (SDXL base's first tower is as wide as SD 1.x's, so it names nothing).
+CONTEXT_WIDTHS = {config.unet.context_dim: name for name, config in FAMILIES.items()}
+TEXT_WIDTHS = {config.text.hidden_size: name for name, config in FAMILIES.items() if config.text_2 is None}
+
+
+def lora_family(raw: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+    """(model family, why) from a LoRA file's names (two text encoders: SDXL) or else the width of the text features
+    its layers take in; None when it has no such layer or the width names no family."""
+    if two := sorted({next(p for p in TWO_TOWERS if k.startswith(p)) for k in raw if k.startswith(TWO_TOWERS)}):
+        return "SDXL", f"it patches two text encoders: {', '.join(two)}"
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in raw.items():
+        module, leaf = _split(key)
+        grouped.setdefault(module, {})[leaf] = t
+    for pattern, widths, what in ((CONTEXT_INPUT, CONTEXT_WIDTHS, "its cross-attention reads {}-wide text features"),
+                                  (TEXT_INPUT, TEXT_WIDTHS, "its text-encoder layers are {} wide")):
+        for module, f in grouped.items():
+            kinds = [kind for kind, leaves in KINDS.items() if set(f) & leaves]
+            if not pattern.fullmatch(module) or len(kinds) != 1:
+                continue
+            try:
+                rows, numel = _update_shape(kinds[0], f)
+            except (KeyError, ValueError, IndexError):  # malformed: refused with its reason when its layer is read
+                continue
+            if rows and numel // rows in widths:
+                return widths[numel // rows], what.format(numel // rows)
+    return None
+
+
 def is_lora(keys) -> bool:
     """Whether tensor names are a LoRA/LyCORIS file's."""
     leaves = set().union(*KINDS.values())
@@ -418,9 +452,10 @@ def is_lora(keys) -> bool:
 
 
 def describe_lora(raw: dict, metadata: dict, model: nn.Module) -> dict:
-    """What `tritonsd info` says of a LoRA file: its format, layers per network, ranks, and whether it fits `model`
-    (problem: None, or why not)."""
-    info = {"format": None, "layers": {}, "ranks": [], "problem": None}
+    """What `tritonsd info` says of a LoRA file: its format, layers per network, ranks, the model family its shapes
+    name (or None), and whether it fits `model` (problem: None, or why not)."""
+    family = lora_family(raw)
+    info = {"format": None, "layers": {}, "ranks": [], "problem": None, "family": family and family[0]}
     try:
         layers, info["format"] = _layers(raw, metadata, model, lora_targets(model))
     except ValueError as e:
