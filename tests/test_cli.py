@@ -216,7 +216,7 @@ def test_info_describes_checkpoints(capsys, model, tmp_path):
     total = sum(t.numel() for t in random_state(TINY, seed=0).values())
     lines = [line.split(None, 1) for line in stdout.splitlines()[1:]]
     rows = dict(lines)
-    assert rows["format"] == "single_file" and rows["architecture"].startswith("SD1.x"), stdout
+    assert rows["format"] == "single_file" and rows["architecture"].startswith("SD 1.x"), stdout
     assert rows["parameters"].startswith(f"{total / 1e6:.2f}M:"), f"{total} parameters, info says {rows['parameters']}"
     assert "model_channels=32" in rows["config.unet"] and "num_heads=2" in rows["config.unet"], rows["config.unet"]
     assert rows["missing"] == rows["unexpected"] == rows["wrong_shape"] == "none", stdout

@@ -289,7 +289,7 @@ def test_sd15_single_file_loads_with_real_sizes(sd15_file):
     assert not wrong, f"{len(wrong)} tensors hold another tensor's values: {wrong[:5]}"
 
     info = loader.describe(path)
-    assert info["architecture"] == "SD1.x" and info["format"] == "single_file"
+    assert info["architecture"] == "SD 1.x" and info["format"] == "single_file"
     assert info["parameters"] == SD15_PARAMETERS and info["dtypes"] == {"float16": len(names)}
     assert info["missing"] == info["unexpected"] == info["wrong_shape"] == []
 
@@ -450,18 +450,6 @@ def test_pickled_code_is_refused_and_never_run(tmp_path, tiny_state, how):
     assert not marker.exists(), "loading the checkpoint ran pickled code"
 
 
-def _swap_text_encoder(ckpt: dict, new_prefix: str, tensors: dict) -> dict:
-    ckpt = {k: v for k, v in ckpt.items() if not k.startswith("cond_stage_model.")}
-    return ckpt | {new_prefix + k: v for k, v in tensors.items()}
-
-
-def _sdxl(ckpt):
-    return _swap_text_encoder(ckpt, "conditioner.embedders.", {
-        "0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(10, 32),
-        "1.model.token_embedding.weight": torch.zeros(10, 32),
-    })
-
-
 def _with(*changes):
     """Tensors added to (or replacing) a checkpoint's: (name, shape) pairs."""
     def change(ckpt):
@@ -474,22 +462,23 @@ SD2_UNET = ("model.diffusion_model.middle_block.1.proj_in.weight", (64, 64))
 
 
 @pytest.mark.parametrize("change, name", [
-    (_sdxl, "SDXL"),
-    (_with(("model.diffusion_model.label_emb.0.0.weight", (128, 2816))), "SDXL"),
-    (_with(("model.diffusion_model.input_blocks.0.0.weight", (32, 9, 3, 3))), "SD1.x inpainting"),
-    (_with(SD2_UNET, ("model.diffusion_model.input_blocks.0.0.weight", (32, 9, 3, 3))), "SD2.x inpainting"),
+    (_with(("model.diffusion_model.input_blocks.0.0.weight", (32, 9, 3, 3))), "SD 1.x inpainting"),
+    (_with(SD2_UNET, ("model.diffusion_model.input_blocks.0.0.weight", (32, 9, 3, 3))), "SD 2.x inpainting"),
+    (_with(("model.diffusion_model.label_emb.0.0.weight", (128, 2816)),
+           ("model.diffusion_model.input_blocks.0.0.weight", (32, 9, 3, 3))), "SDXL inpainting"),
     (_with(("depth_model.model.pretrained.act_postprocess3.0.project.0.bias", (256,)),
-           ("model.diffusion_model.input_blocks.0.0.weight", (32, 5, 3, 3))), "SD2.x depth"),
-    (_with(SD2_UNET, ("model.diffusion_model.input_blocks.0.0.weight", (32, 5, 3, 3))), "SD2.x depth"),
+           ("model.diffusion_model.input_blocks.0.0.weight", (32, 5, 3, 3))), "SD 2.x depth"),
+    (_with(SD2_UNET, ("model.diffusion_model.input_blocks.0.0.weight", (32, 5, 3, 3))), "SD 2.x depth"),
     (_with(("embedder.model.ln_final.weight", (1024,)), ("noise_augmentor.betas", (1000,)),
-           ("model.diffusion_model.label_emb.0.0.weight", (128, 2048))), "SD2.x unCLIP"),
+           ("model.diffusion_model.label_emb.0.0.weight", (128, 2048))), "SD 2.x unCLIP"),
     (_with(("low_scale_model.betas", (350,)), ("model.diffusion_model.input_blocks.0.0.weight", (32, 7, 3, 3))),
-     "SD2.x x4 upscaler"),
-], ids=["sdxl-conditioner", "sdxl-label-emb", "sd1-inpainting", "sd2-inpainting", "sd2-depth", "sd2-depth-channels",
-        "sd2-unclip", "sd2-x4-upscaler"])
+     "SD 2.x x4 upscaler"),
+], ids=["sd1-inpainting", "sd2-inpainting", "sdxl-inpainting", "sd2-depth", "sd2-depth-channels", "sd2-unclip",
+        "sd2-x4-upscaler"])
 def test_other_architectures_are_named(tmp_path, tiny_state, change, name):
     path = tmp_path / "model.safetensors"
     safetensors.torch.save_file(change(original_checkpoint(tiny_state, extras=False)), path)
-    with pytest.raises(CheckpointError, match=f"looks like {name} .*tritonsd runs SD 1.x and SD 2.x text-to-image"):
+    with pytest.raises(CheckpointError, match=f"looks like {name} .*tritonsd runs SD 1.x, SD 2.x, SDXL and SDXL refiner "
+                                              "text-to-image models"):
         loader.load(path)
     assert loader.describe(path)["architecture"] == name

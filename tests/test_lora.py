@@ -5,6 +5,7 @@ as they were."""
 
 import dataclasses
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -583,7 +584,8 @@ BAD = [
     ("another architecture", _edit(lambda t: t.update({"lora_unet_joint_blocks_0_x_attn_qkv.lora_down.weight": torch.zeros(2, 8),
                                                        "lora_unet_joint_blocks_0_x_attn_qkv.lora_up.weight": torch.zeros(8, 2)})),
      "1 of its layers name no layer of this model: lora_unet_joint_blocks_0_x_attn_qkv"),
-    ("SDXL", _edit(lambda t: t.update({"lora_te2_text_model_x.lora_down.weight": torch.zeros(2, 8)})), "is an SDXL LoRA"),
+    ("SDXL", _edit(lambda t: t.update({"lora_te2_text_model_x.lora_down.weight": torch.zeros(2, 8)})),
+     r"is a LoRA for SDXL \(it patches two text encoders: lora_te2_\), but this model is SD 1.x"),
     ("NaN", _edit(lambda t: t[_first(t, "lora_down.weight")].view(-1).__setitem__(3, float("nan"))),
      "lora_down.weight holds NaN or infinite values"),
     ("DoRA", _edit(lambda t: t.update({_first(t, "lora_down.weight").replace("lora_down.weight", "dora_scale"): torch.ones(32, 1)})),
@@ -665,12 +667,16 @@ def test_cli_applies_loras_and_records_their_hashes(capsys, files, kohya, peft_f
     assert np.array_equal(got, np.asarray(want)), "the command line's image differs from the API's"
 
 
-def sd15_lora(path, sdxl=False, width=768):
-    """A kohya LoRA for two SD 1.5 layers (or SDXL's second text encoder; or, width 1024, SD 2.x's layers)."""
-    text = "lora_te2_text_model_encoder_layers_0_mlp_fc1" if sdxl else "lora_te_text_model_encoder_layers_0_mlp_fc1"
+def sd15_lora(path, sdxl=False, width=768, layers=None):
+    """A kohya LoRA for two full-size SD 1.5 layers (width 1024: SD 2.x's; or SDXL's: a CompVis-style UNet name and
+    the second text encoder), or for the given {name: (rows, columns)}."""
+    if layers is None:
+        layers = ({"lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q": (640, 640),
+                   "lora_te2_text_model_encoder_layers_0_mlp_fc1": (5120, 1280)} if sdxl else
+                  {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
+                   "lora_te_text_model_encoder_layers_0_mlp_fc1": (4 * width, width)})
     tensors = {}
-    for name, (out, inp) in {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
-                             text: (4 * width, width)}.items():
+    for name, (out, inp) in layers.items():
         tensors |= {f"{name}.lora_down.weight": torch.zeros(4, inp), f"{name}.lora_up.weight": torch.zeros(out, 4),
                     f"{name}.alpha": torch.tensor(4.0)}
     safetensors.torch.save_file(tensors, path)
@@ -698,8 +704,17 @@ def test_info_says_what_a_lora_or_vae_is_and_how_to_use_it(capsys, files, tmp_pa
     assert "a VAE alone" in out and "--vae PATH" in out, out
 
     sd15_lora(tmp_path / "xl.safetensors", sdxl=True)
-    err = cli(capsys, "info", tmp_path / "xl.safetensors", status=2).err
-    assert err.startswith("tritonsd: error: ") and "is an SDXL LoRA" in err and err.count("\n") == 1, err
+    described = json.loads(cli(capsys, "info", tmp_path / "xl.safetensors", "--json").out)
+    assert described["lora"]["family"] == "SDXL", described["lora"]
+    assert described["lora"]["layers"] == {"unet": 1, "text_encoder_2": 1}, described["lora"]
+    # SD 1.5's UNet layer beside SDXL's second text encoder: a LoRA for no model.
+    sd15_lora(tmp_path / "mixed.safetensors", layers={
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1": (5120, 1280)})
+    err = cli(capsys, "info", tmp_path / "mixed.safetensors", status=2).err
+    assert err.startswith("tritonsd: error: ") and "not a LoRA for any model tritonsd runs" in err, err
+    assert "1 of its layers name no layer of this model" in err and "than this SDXL one" in err, err
+    assert err.count("\n") == 1, err
     err = cli(capsys, "txt2img", "x", "--model", tmp_path / "detail.safetensors", "-o", tmp_path / "a.png", status=2).err
     assert "not a model but a LoRA" in err and "--lora" in err, err
 
@@ -720,3 +735,160 @@ def test_cli_refuses_bad_lora_and_vae_options(capsys, tmp_path, extra, message):
     assert err.startswith("tritonsd: error: ") and err.count("\n") == 1, err
     assert message.format(tmp=tmp_path) in err, f"expected {message!r} in {err!r}"
     assert not (tmp_path / "a.png").exists()
+
+
+# --- SDXL ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    """The tiny SDXL base as an original single file (its config beside it), and its weights."""
+    from tiny import TINY_SDXL, original_sdxl_checkpoint
+
+    root = tmp_path_factory.mktemp("xl-lora")
+    state = random_state(TINY_SDXL, seed=11)
+    ckpt = original_sdxl_checkpoint(state)
+    single = root / "xl.safetensors"
+    safetensors.torch.save_file(ckpt, single)
+    single.with_suffix(".json").write_text(TINY_SDXL.to_json())
+    return root, single, ckpt
+
+
+def xl_diffusers(ckpt: dict) -> dict[str, torch.nn.Module]:
+    """diffusers' UNet and transformers' two towers holding an original SDXL checkpoint's weights, converted by
+    diffusers' own single-file code."""
+    from diffusers.loaders import single_file_utils as sf
+    from tiny import TINY_SDXL, diffusers_text_towers, unet_diffusers_config
+
+    config = unet_diffusers_config(TINY_SDXL, ckpt)
+    unet = diffusers.UNet2DConditionModel(**config)
+    unet.load_state_dict(sf.convert_ldm_unet_checkpoint(ckpt, config), strict=True)
+    return {"unet": unet, **diffusers_text_towers(ckpt, TINY_SDXL)}
+
+
+def xl_fused(ckpt: dict, lora, scale: float) -> dict[str, dict]:
+    """The weights diffusers' StableDiffusionXLPipeline has after load_lora_weights + fuse_lora at `scale`."""
+    parts = xl_diffusers(ckpt)
+    pipeline = diffusers.StableDiffusionXLPipeline(vae=None, tokenizer=None, tokenizer_2=None,
+                                                   scheduler=diffusers.EulerDiscreteScheduler(), **parts)
+    pipeline.load_lora_weights(str(lora))
+    pipeline.fuse_lora(lora_scale=scale)
+    pipeline.unload_lora_weights()
+    return {name: module.state_dict() for name, module in parts.items()}
+
+
+def xl_engine(single, lora, scale: float) -> tuple[dict, dict]:
+    """The engine's weights with the LoRA applied (as diffusers names them, by diffusers' conversion of the original
+    file the engine's weights make), and without it."""
+    from tritonsd.engine.lora import CheckpointBase, LoraSet
+    from tritonsd.loader import load
+    from tritonsd.loader.convert import to_original
+
+    model, _ = load(single)
+    loras = LoraSet(model, CheckpointBase(single))
+    loras.load(lora, scale)
+    patched = {name: module.state_dict() for name, module in xl_diffusers(to_original(model.state_dict())).items()}
+    loras.unload()
+    base = {name: module.state_dict() for name, module in xl_diffusers(to_original(model.state_dict())).items()}
+    return patched, base
+
+
+def assert_xl_weights(got: dict, want: dict, base: dict, patched: int):
+    changed = 0
+    for part, tensors in want.items():
+        for key, w in tensors.items():
+            g = got[part][key]
+            assert torch.allclose(g, w, rtol=1e-5, atol=1e-6), \
+                f"{part}.{key}: max abs err {(g - w).abs().max():.2e} against diffusers"
+            changed += not torch.equal(base[part][key], w)
+    assert changed >= patched, f"only {changed} weights changed; the LoRA patches {patched}"
+
+
+def xl_layers(ckpt: dict, compvis: bool = False) -> dict[str, tuple[str, torch.Size]]:
+    """{kohya module name: weight shape} for every attention, feed-forward and projection layer of the UNet (and,
+    with diffusers-style names, the first ResNet convolutions: LoCon) and every linear layer of both towers. compvis:
+    the UNet's layers under their CompVis (sgm) names, read off diffusers' own single-file converter."""
+    from diffusers.loaders import single_file_utils as sf
+    from tiny import TINY_SDXL, unet_diffusers_config
+
+    parts = xl_diffusers(ckpt)
+    wanted = ("attn1.to_", "attn2.to_", "ff.net", "proj_in", "proj_out") + (() if compvis else ("resnets.0.conv1",))
+    where = {}
+    if compvis:
+        converted = sf.convert_ldm_unet_checkpoint(ckpt, unet_diffusers_config(TINY_SDXL, ckpt))
+        original = {t.data_ptr(): k.removeprefix("model.diffusion_model.") for k, t in ckpt.items()}
+        where = {k.removesuffix(".weight"): original[t.data_ptr()].removesuffix(".weight") for k, t in converted.items()}
+    layers = {"lora_unet_" + where.get(n, n).replace(".", "_"): m.weight.shape
+              for n, m in parts["unet"].named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(w in n for w in wanted)}
+    for prefix, part in (("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2")):
+        layers |= {prefix + "text_model_" + n.removeprefix("text_model.").replace(".", "_"): m.weight.shape
+                   for n, m in parts[part].named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    return layers
+
+
+@pytest.mark.parametrize("compvis", [False, True], ids=["diffusers-names", "compvis-names"])
+def test_sdxl_kohya_lora_matches_diffusers(xl, compvis, tmp_path):
+    """lora_unet_ in diffusers' or CompVis' module names (diffusers maps both for SDXL), lora_te1_ on CLIP ViT-L and
+    lora_te2_ on bigG, whose q/k/v the original file packs into one in_proj."""
+    _, single, ckpt = xl
+    layers = xl_layers(ckpt, compvis)
+    assert any(("input_blocks_7_1_transformer_blocks_1" if compvis else "down_blocks_2_attentions_0_transformer_blocks_1")
+               in k for k in layers) and any(k.startswith("lora_te2_") for k in layers)
+    path = tmp_path / "xl-kohya.safetensors"
+    write_kohya(path, random_lora(layers, seed=2), names=lambda n: n)
+    got, base = xl_engine(single, path, 0.8)
+    assert_xl_weights(got, xl_fused(ckpt, path, 0.8), base, patched=len(layers))
+
+
+def test_sdxl_peft_lora_matches_diffusers(xl, tmp_path):
+    """unet., text_encoder. and text_encoder_2. adapters with lora_alpha != r, written by diffusers'
+    save_lora_weights with its adapter metadata."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    _, single, ckpt = xl
+    torch.manual_seed(4)
+    parts = xl_diffusers(ckpt)
+    configs = {"unet": LoraConfig(r=RANK, lora_alpha=6, init_lora_weights=False, target_modules=[
+                   "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]),
+               "text_encoder": LoraConfig(r=2, lora_alpha=3, init_lora_weights=False,
+                                          target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+               "text_encoder_2": LoraConfig(r=2, lora_alpha=5, init_lora_weights=False,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])}
+    for name, config in configs.items():
+        inject_adapter_in_model(config, parts[name])
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path, weight_name="xl-peft.safetensors",
+        **{f"{name}_lora_layers": get_peft_model_state_dict(parts[name]) for name in configs},
+        **{f"{name}_lora_adapter_metadata": config.to_dict() for name, config in configs.items()})
+    path = tmp_path / "xl-peft.safetensors"
+    assert any(k.startswith("text_encoder_2.") for k in safetensors.torch.load_file(path))
+    got, base = xl_engine(single, path, 0.7)
+    assert_xl_weights(got, xl_fused(ckpt, path, 0.7), base, patched=1)
+
+
+def test_loras_of_another_family_are_refused_by_name_and_change_nothing(files, xl, tmp_path):
+    """An SDXL LoRA on SD 1.x and an SD 1.x LoRA (kohya's single lora_te_ tower, or UNet layers of SD 1.x's shapes)
+    on SDXL."""
+    from tritonsd.engine.lora import CopiedBase, LoraSet
+    from tritonsd.loader import load
+
+    _, single, ckpt = xl
+    xl_lora = tmp_path / "xl.safetensors"
+    write_kohya(xl_lora, random_lora(dict(list(xl_layers(ckpt).items())[::7]), seed=3), names=lambda n: n)
+    sd1_lora = tmp_path / "sd1.safetensors"
+    write_kohya(sd1_lora, random_lora(diffusers_modules(files[2]), seed=4))
+    sd1_unet = tmp_path / "sd1-unet.safetensors"
+    safetensors.torch.save_file({k: v for k, v in safetensors.torch.load_file(sd1_lora).items()
+                                 if k.startswith("lora_unet_") and "attentions_0" in k}, sd1_unet)
+    cases = [(files[1], TINY, xl_lora, "is a LoRA for SDXL .*, but this model is SD 1.x"),
+             (single, None, sd1_lora, r"is a LoRA for SD 1.x or 2.x \(kohya's lora_te_ names a model with one text "
+                                      "encoder\), but this model is SDXL"),
+             (single, None, sd1_unet, "it is a LoRA for another (model|architecture) than this SDXL one")]
+    for checkpoint, config, lora, message in cases:
+        model, _ = load(checkpoint, config=config)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        loras = LoraSet(model, CopiedBase())
+        with pytest.raises(CheckpointError, match=message):
+            loras.load(lora)
+        assert loras.scales == {} and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -109,7 +109,7 @@ def test_tritonsd_file_keeps_the_prediction_type(tmp_path, sd2_state):
     loaded, tokenizer = loader.load(path)
     assert loaded.config == TINY_SD2_V and tokenizer.pad_id == 0
     info = loader.describe(path)
-    assert (info["architecture"], info["prediction_source"]) == ("SD2.x", "the file's config"), info
+    assert (info["architecture"], info["prediction_source"]) == ("SD 2.x", "the file's config"), info
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -146,7 +146,7 @@ def test_sd21_key_set_loads_with_real_sizes_and_no_config(tmp_path, monkeypatch,
     assert counts == SD21_PARAMETERS, f"parameter counts {counts} != SD 2.1's {SD21_PARAMETERS}"
     assert len(model.text_encoder.encoder.layers) == 23 and tokenizer.pad_id == 0
     info = loader.describe(path)
-    assert info["architecture"] == "SD2.x" and info["missing"] == info["unexpected"] == info["wrong_shape"] == []
+    assert info["architecture"] == "SD 2.x" and info["missing"] == info["unexpected"] == info["wrong_shape"] == []
     assert info["prediction_source"] == "the file's metadata"
     side = SD2_V.unet.sample_size if modelspec == "v" else SD2.unet.sample_size
     assert Pipeline(model, tokenizer).default_size == 8 * side == (768 if modelspec == "v" else 512)
@@ -301,7 +301,7 @@ def test_an_unclip_diffusers_folder_is_refused_by_name(tmp_path, sd2_folder):
     unet = safetensors.torch.load_file(weights)
     unet["class_embedding.linear_1.weight"] = torch.zeros(128, 64)
     safetensors.torch.save_file(unet, weights)
-    with pytest.raises(CheckpointError, match="looks like SD2.x unCLIP"):
+    with pytest.raises(CheckpointError, match="looks like SD 2.x unCLIP"):
         loader.load(folder)
 
 
@@ -400,7 +400,7 @@ def test_command_line_runs_batches_describes_and_converts_sd2(capsys, tmp_path):
 
     stdout, _ = run(capsys, "info", model)
     rows = dict(line.split(None, 1) for line in stdout.splitlines()[1:])
-    assert rows["architecture"].startswith("SD2.x") and rows["prediction"] == "v_prediction (from sd2v.json)", rows
+    assert rows["architecture"].startswith("SD 2.x") and rows["prediction"] == "v_prediction (from sd2v.json)", rows
     assert "num_head_channels=16" in rows["config.unet"] and "pad_token=!" in rows["config.text"], rows
 
     prompts = tmp_path / "prompts.txt"

@@ -12,7 +12,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.config import SIZE_EMBEDDING_DIM, ModelConfig
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.loader.convert import OPEN_CLIP_PREFIX, to_original
 
@@ -190,7 +190,8 @@ def _yaml_depth(config: ModelConfig):
 
 
 def original_config(config: ModelConfig) -> dict:
-    """The CompVis YAML shape (v1-inference.yaml; v2-inference(-v).yaml) that diffusers' single-file conversion reads."""
+    """The CompVis YAML shape (v1-inference.yaml; v2-inference(-v).yaml; SDXL's label_emb as sgm's YAML gives it)
+    that diffusers' single-file conversion reads."""
     u, v = config.unet, config.vae
     # v2-inference.yaml gives the head width and no head count; diffusers reads whichever is there.
     heads = {"num_heads": u.num_heads} if u.num_head_channels == -1 else {"num_head_channels": u.num_head_channels}
@@ -203,6 +204,8 @@ def original_config(config: ModelConfig) -> dict:
             "attention_resolutions": list(u.attention_resolutions), **heads,
             "transformer_depth": _yaml_depth(config), "context_dim": u.context_dim,
             "use_linear_in_transformer": u.use_linear_in_transformer,
+            # sgm's way of saying the UNet has label_emb (SDXL).
+            **({"num_classes": "sequential", "adm_in_channels": u.adm_in_channels} if u.adm_in_channels else {}),
         }},
         "first_stage_config": {"params": {"embed_dim": v.embed_dim, "ddconfig": {
             "in_channels": v.in_channels, "out_ch": v.out_ch, "ch": v.ch, "ch_mult": list(v.ch_mult),
@@ -230,64 +233,106 @@ def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
     (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
 
 
-def write_diffusers_folder(path, checkpoint: dict, config: ModelConfig, weights: str = "safetensors",
-                           tokenizer: bool = True, scheduler: bool = True) -> None:
-    """A diffusers folder made from an original checkpoint by diffusers' own single-file conversion, loaded strictly
-    into diffusers' and transformers' models and written by their save_pretrained, with SD's scheduler config for
-    the model's prediction type. weights: "safetensors", "fp16" (the .fp16 variant in half precision) or "bin"
-    (pickles, with the text encoder under the classic text_model. names)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def unet_diffusers_config(config: ModelConfig, checkpoint: dict) -> dict:
+    """diffusers' UNet2DConditionModel config for an original checkpoint, by diffusers' own single-file code."""
     from diffusers.loaders import single_file_utils as sf
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    path = Path(path)
-    original = original_config(config)
-    unet_config = sf.create_unet_diffusers_config_from_ldm(original, checkpoint)
-    vae_config = sf.create_vae_diffusers_config_from_ldm(original, checkpoint)
+    unet_config = sf.create_unet_diffusers_config_from_ldm(original_config(config), checkpoint)
     # The YAML has no GroupNorm group count (CompVis hard-codes 32); diffusers takes it as norm_num_groups. diffusers
-    # guesses the sample size from the model type (512 pixels unless it recognises SD 2.x by its full-size shapes).
+    # guesses the sample size from the model type (512 pixels unless it recognises SD 2.x by its full-size shapes),
+    # and tells SDXL's label_emb ("text_time") from other class embeddings by SDXL's full-size context widths.
     unet_config["norm_num_groups"] = config.unet.norm_groups
     unet_config["sample_size"] = config.unet.sample_size
+    if config.unet.adm_in_channels:
+        unet_config.update(class_embed_type=None, addition_embed_type="text_time",
+                           addition_time_embed_dim=SIZE_EMBEDDING_DIM)
+    return unet_config
+
+
+def diffusers_text_towers(checkpoint: dict, config: ModelConfig) -> dict:
+    """{diffusers folder: transformers text model holding its weights} of an original checkpoint, converted by
+    diffusers' own single-file code: text_encoder (SD 1.x/2.x, SDXL's CLIP ViT-L) and text_encoder_2 (SDXL's bigG,
+    a CLIPTextModelWithProjection; the refiner's only tower)."""
+    from diffusers.loaders import single_file_utils as sf
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def model(t, projection: bool):
+        cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+        return cls(CLIPTextConfig(
+            vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
+            num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
+            max_position_embeddings=t.max_position_embeddings, hidden_act=t.hidden_act,
+            layer_norm_eps=t.layer_norm_eps, projection_dim=t.projection_dim or 512,
+        ))
+
+    towers = {}
+    if config.conditioning == "none":
+        text = towers["text_encoder"] = model(config.text, False)
+        if any(k.startswith(OPEN_CLIP_PREFIX) for k in checkpoint):
+            # diffusers leaves out SD 2.x's unused 24th block by name (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE); the tiny
+            # tower's unused block is its last one.
+            states = {"text_encoder": {
+                k: v for k, v in sf.convert_open_clip_checkpoint(text, checkpoint).items()
+                if not k.startswith(f"text_model.encoder.layers.{config.text.num_hidden_layers}.")}}
+        else:
+            states = {"text_encoder": sf.convert_ldm_clip_checkpoint(checkpoint)}
+    elif config.text_2 is not None:
+        towers["text_encoder"] = model(config.text, False)
+        towers["text_encoder_2"] = model(config.text_2, True)
+        states = {"text_encoder": sf.convert_ldm_clip_checkpoint(checkpoint),
+                  "text_encoder_2": sf.convert_open_clip_checkpoint(towers["text_encoder_2"], checkpoint,
+                                                                    prefix=SDXL_BIG_G_PREFIX["base"])}
+    else:
+        towers["text_encoder_2"] = model(config.text, True)
+        states = {"text_encoder_2": sf.convert_open_clip_checkpoint(towers["text_encoder_2"], checkpoint,
+                                                                    prefix=SDXL_BIG_G_PREFIX["refiner"])}
+    for folder, text in towers.items():
+        # As diffusers does: CLIPTextModel lost its text_model wrapper in transformers 5.
+        wrapped = hasattr(text, "text_model")
+        text.load_state_dict({k if wrapped else k.removeprefix("text_model."): v for k, v in states[folder].items()
+                              if not k.endswith("position_ids")}, strict=True)
+    return towers
+
+
+def write_diffusers_folder(path, checkpoint: dict, config: ModelConfig, weights: str = "safetensors",
+                           tokenizer: bool = True, scheduler: bool = True) -> None:
+    """A diffusers folder made from an original checkpoint (SD 1.x/2.x, or SDXL's from original_sdxl_checkpoint) by
+    diffusers' own single-file conversion, loaded strictly into diffusers' and transformers' models and written by
+    their save_pretrained, with SD's scheduler config for the model's prediction type. weights: "safetensors",
+    "fp16" (the .fp16 variant in half precision) or "bin" (pickles, with the text encoder under the classic
+    text_model. names)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sf
+
+    path = Path(path)
+    unet_config = unet_diffusers_config(config, checkpoint)
+    vae_config = sf.create_vae_diffusers_config_from_ldm(original_config(config), checkpoint)
     vae_config["norm_num_groups"] = config.vae.norm_groups
     unet = UNet2DConditionModel(**unet_config)
     unet.load_state_dict(sf.convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)
     vae = AutoencoderKL(**vae_config)
     vae.load_state_dict(sf.convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True)
-
-    t = config.text
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
-        num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
-        max_position_embeddings=t.max_position_embeddings, hidden_act=t.hidden_act, layer_norm_eps=t.layer_norm_eps,
-    ))
-    if any(k.startswith(OPEN_CLIP_PREFIX) for k in checkpoint):
-        # diffusers leaves out SD 2.x's unused 24th block by name (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE); the tiny
-        # tower's unused block is its last one.
-        text_state = {k: v for k, v in sf.convert_open_clip_checkpoint(text, checkpoint).items()
-                      if not k.startswith(f"text_model.encoder.layers.{t.num_hidden_layers}.")}
-    else:
-        text_state = {k: v for k, v in sf.convert_ldm_clip_checkpoint(checkpoint).items()
-                      if not k.endswith("position_ids")}
-    # As diffusers does: CLIPTextModel lost its text_model wrapper in transformers 5.
-    wrapped = hasattr(text, "text_model")
-    text.load_state_dict({k if wrapped else k.removeprefix("text_model."): v for k, v in text_state.items()}, strict=True)
+    towers = diffusers_text_towers(checkpoint, config)
 
     if weights == "fp16":
-        for model in (unet, vae, text):
+        for model in (unet, vae, *towers.values()):
             model.half()
     variant = "fp16" if weights == "fp16" else None
     unet.save_pretrained(path / "unet", safe_serialization=weights != "bin", variant=variant)
     vae.save_pretrained(path / "vae", safe_serialization=weights != "bin", variant=variant)
-    if weights == "bin":
-        # transformers 5 writes only safetensors; a .bin is what older transformers wrote: torch.save of the
-        # state dict, with text_model. in the names.
-        text.config.save_pretrained(path / "text_encoder")
-        prefix = "" if wrapped else "text_model."
-        torch.save({prefix + k: v for k, v in text.state_dict().items()}, path / "text_encoder" / "pytorch_model.bin")
-    else:
-        text.save_pretrained(path / "text_encoder", variant=variant)
+    for folder, text in towers.items():
+        if weights == "bin":
+            # transformers 5 writes only safetensors; a .bin is what older transformers wrote: torch.save of the
+            # state dict, with text_model. in the names.
+            text.config.save_pretrained(path / folder)
+            prefix = "" if hasattr(text, "text_model") else "text_model."
+            torch.save({(k if k.startswith("text_projection") else prefix + k): v for k, v in text.state_dict().items()},
+                       path / folder / "pytorch_model.bin")
+        else:
+            text.save_pretrained(path / folder, variant=variant)
     if tokenizer:
-        write_tokenizer(path / "tokenizer", t.pad_token)
+        for folder, tower in zip(towers, config.towers):
+            write_tokenizer(path / folder.replace("text_encoder", "tokenizer"), tower.pad_token)
     if scheduler:
         (path / "scheduler").mkdir(parents=True, exist_ok=True)
         (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(config)))

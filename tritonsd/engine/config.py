@@ -424,3 +424,8 @@ SDXL_REFINER = ModelConfig(
 
 # Every family the engine runs, by the name ModelConfig.family gives it: the default config of each.
 FAMILIES = {"SD 1.x": ModelConfig(), "SD 2.x": SD2, "SDXL": SDXL, "SDXL refiner": SDXL_REFINER}
+# The family each width names, for files made for a model (LoRAs, embeddings), which show it in their shapes: the
+# UNet's context (SDXL's two towers read together: 2048), and the text tower's width for the families with one tower
+# (SDXL base's first tower is as wide as SD 1.x's, so it names nothing).
+FAMILY_BY_CONTEXT = {config.unet.context_dim: name for name, config in FAMILIES.items()}
+FAMILY_BY_TEXT_WIDTH = {config.text.hidden_size: name for name, config in FAMILIES.items() if config.text_2 is None}

@@ -1,13 +1,14 @@
-"""Loading Stable Diffusion 1.x and 2.x checkpoints in the formats people have, and saving the engine's own.
+"""Loading Stable Diffusion 1.x, 2.x and SDXL (base and refiner) checkpoints in the formats people have, and saving
+the engine's own.
 
-Formats: "single_file" (an original CompVis checkpoint: .safetensors, or a .ckpt/.pt/.pth pickle read weights-only),
-"diffusers" (a folder with unet/, vae/, text_encoder/ and maybe tokenizer/), and "tritonsd" (a safetensors file in
-the engine's names whose metadata holds its ModelConfig).
+Formats: "single_file" (an original CompVis/sgm checkpoint: .safetensors, or a .ckpt/.pt/.pth pickle read
+weights-only), "diffusers" (a folder with unet/, vae/, text_encoder/ and/or text_encoder_2/, and maybe tokenizer/,
+tokenizer_2/), and "tritonsd" (a safetensors file in the engine's names whose metadata holds its ModelConfig).
 
 What the UNet predicts (noise or v) is read, in this order, from: an explicit prediction_type, the config given or
 beside the file (NAME.json), the engine's own file, a diffusers scheduler config, a single file's own metadata
-(modelspec.prediction_type, ComfyUI's v_pred marker); with none of those, SD 1.x files are noise-predicting and an
-SD 2.x file's UNet is put to AUTOMATIC1111's test (infer.probe_prediction_type).
+(modelspec.prediction_type, ComfyUI's v_pred marker); with none of those, SD 1.x and SDXL files are noise-predicting
+and an SD 2.x file's UNet is put to AUTOMATIC1111's test (infer.probe_prediction_type).
 """
 
 import dataclasses
@@ -29,8 +30,8 @@ from tritonsd.loader.compvis import read_compvis_config
 from tritonsd.loader.convert import from_diffusers, from_original
 from tritonsd.loader.formats import CheckpointError, read_diffusers, read_file
 from tritonsd.loader.infer import (
-    SUPPORTED, architecture, config_from_diffusers, config_mismatches, infer_config, probe_prediction_type,
-    stated_prediction_type,
+    FAMILY_LIST, SUPPORTED, architecture, config_from_diffusers, config_mismatches, infer_config,
+    probe_prediction_type, stated_prediction_type,
 )
 from tritonsd.loader.lora import describe_lora
 
@@ -86,7 +87,7 @@ def _check_architecture(path: Path, state: dict) -> None:
         raise CheckpointError(f"{path}: not a model but {name} ({evidence}); {USES[name]}")
     if name not in SUPPORTED:
         raise CheckpointError(
-            f"{path}: looks like {name} ({evidence}); tritonsd runs SD 1.x and SD 2.x text-to-image models"
+            f"{path}: looks like {name} ({evidence}); tritonsd runs {FAMILY_LIST} text-to-image models"
         )
 
 
@@ -115,7 +116,7 @@ def _cast(state: dict, dtype: torch.dtype | None, device) -> dict:
 
 
 def load_state_dict(path, *, dtype: torch.dtype | None = None, device="cpu") -> tuple[str, dict, dict]:
-    """(format, tensors under the engine's names, metadata) of an SD 1.x/2.x checkpoint. Metadata is the safetensors
+    """(format, tensors under the engine's names, metadata) of a checkpoint of a family the engine runs. Metadata is the safetensors
     header's, or for a diffusers folder each part's config.json. dtype/device cast tensor by tensor."""
     path = Path(path)
     fmt, state, metadata = _read(path)
@@ -176,8 +177,10 @@ def _config(path: Path, fmt: str, state: dict, metadata: dict, prediction_type: 
 
 
 def _family_rule(state: dict) -> str | None:
-    """SD 1.x models predict noise; SD 2.x comes both ways, so None: the UNet is tested."""
-    return "SD 1.x (noise-predicting)" if architecture(state)[0] == "SD1.x" else None
+    """SD 1.x and SDXL models predict noise unless they say otherwise; SD 2.x comes both ways, so None: the UNet is
+    tested."""
+    name = architecture(state)[0]
+    return None if name == "SD 2.x" else f"{name} (noise-predicting)"
 
 
 def _with_prediction_type(config: ModelConfig, prediction_type: str) -> ModelConfig:
@@ -240,19 +243,20 @@ class _Inspection:
 
 
 def _tokenizer(path: Path, fmt: str, config: ModelConfig) -> CLIPTokenizer:
-    """A diffusers folder's own tokenizer, else CLIP's; its ids must all have a row in the token embedding."""
+    """A diffusers folder's own tokenizer (tokenizer/, or an SDXL refiner's tokenizer_2/), else CLIP's, padding as
+    the first text tower does; its ids must all have a row in every tower's token embedding."""
+    folder = next((path / name for name in ("tokenizer", "tokenizer_2") if (path / name / "vocab.json").is_file()),
+                  None) if fmt == "diffusers" else None
     try:
-        if fmt == "diffusers" and (path / "tokenizer" / "vocab.json").is_file():
-            tokenizer = CLIPTokenizer.from_folder(path / "tokenizer")
-        else:
-            tokenizer = CLIPTokenizer.default()
+        tokenizer = CLIPTokenizer.from_folder(folder) if folder else CLIPTokenizer.default()
         tokenizer = tokenizer.with_pad_token(config.text.pad_token)
     except ValueError as e:
         raise CheckpointError(f"{path}: its tokenizer: {e}") from None
     top = max(tokenizer.vocab.values())
-    if top >= config.text.vocab_size:
-        raise CheckpointError(f"{path}: its tokenizer's ids go up to {top}, but its text encoder has "
-                              f"{config.text.vocab_size} token embeddings")
+    vocab = min(tower.vocab_size for tower in config.towers)
+    if top >= vocab:
+        raise CheckpointError(f"{path}: its tokenizer's ids go up to {top}, but its text encoder has {vocab} token "
+                              "embeddings")
     return tokenizer
 
 
@@ -332,6 +336,8 @@ def describe(path) -> dict:
     info = {
         "path": str(path), "format": found.format, "architecture": found.architecture[0],
         "evidence": found.architecture[1], "config": config.to_dict() if config else None,
+        # The side of the images the model makes when none is asked for: its training latents times the VAE's factor.
+        "default_size": config and config.unet.sample_size * 2 ** (len(config.vae.ch_mult) - 1),
         "prediction_source": source,
         "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in found.state.values())),
         "parameters": dict(parts), "missing": missing, "unexpected": unexpected, "wrong_shape": wrong_shape,
@@ -342,19 +348,17 @@ def describe(path) -> dict:
         info["use"], info["problem"] = USES[name], None
     if name == "a LoRA":
         info["lora"] = _describe_lora(found.state, found.metadata)
-        info["problem"] = info["lora"]["problem"] and f"{path}: not a LoRA for SD 1.x or 2.x: {info['lora']['problem']}"
+        info["problem"] = info["lora"]["problem"] and (f"{path}: not a LoRA for any model tritonsd runs "
+                                                       f"({FAMILY_LIST}): {info['lora']['problem']}")
     return info
 
 
-# The models `describe` holds a LoRA against: one of each family the engine runs, on the meta device.
-LORA_FAMILIES = {name: FAMILIES[name] for name in ("SD 1.x", "SD 2.x")}
-
-
 def _describe_lora(state: dict, metadata: dict) -> dict:
-    """describe_lora against each family's model, with the families it fits as its family ("SD 1.x or SD 2.x" for
-    one whose layers fit both); if it fits none, the problem against the family its shapes name (else SD 1.x)."""
+    """describe_lora against each family's model (on the meta device), with the families it fits as its family
+    ("SD 1.x or SD 2.x" for one whose layers fit both); if it fits none, the problem against the family its names
+    or shapes name (else SD 1.x)."""
     fits = {family: describe_lora(state, metadata, StableDiffusion.on_meta(config))
-            for family, config in LORA_FAMILIES.items()}
+            for family, config in FAMILIES.items()}
     good = [family for family, lora in fits.items() if lora["problem"] is None]
     if good:
         return {**fits[good[0]], "family": " or ".join(good)}

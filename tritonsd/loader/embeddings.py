@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from tritonsd.loader.formats import FAMILY_BY_WIDTH, CheckpointError, read_object
+from tritonsd.engine.config import FAMILY_BY_TEXT_WIDTH
+from tritonsd.loader.formats import CheckpointError, read_object
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
 
@@ -23,7 +24,7 @@ def read_embedding(path, hidden_size: int) -> torch.Tensor:
         raise CheckpointError(f"{path}: the embedding is a {vectors.dtype} tensor of shape {list(vectors.shape)}, not "
                               "floating-point vectors [n, hidden]")
     if vectors.shape[1] != hidden_size:
-        theirs, ours = (FAMILY_BY_WIDTH.get(w) for w in (vectors.shape[1], hidden_size))
+        theirs, ours = (FAMILY_BY_TEXT_WIDTH.get(w) for w in (vectors.shape[1], hidden_size))
         raise CheckpointError(f"{path}: embedding vectors of size {vectors.shape[1]}"
                               f"{f' (an {theirs} embedding)' if theirs else ''}, but this model's text encoder has "
                               f"hidden size {hidden_size}{f' ({ours})' if ours else ''}; an embedding works only with "

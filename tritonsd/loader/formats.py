@@ -7,17 +7,14 @@ from pathlib import Path
 import safetensors
 import torch
 
-from tritonsd.engine.config import FAMILIES, read_json
+from tritonsd.engine.config import read_json
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
-# The model families by the width of their text features, which the UNet's cross-attention reads (SDXL's two
-# encoders, 768 and 1280 wide, are read together: 2048; its refiner reads bigG's 1280). Files made for a model
-# (LoRAs, embeddings) show it in their shapes, so a file for another family is refused as such.
-FAMILY_BY_WIDTH = {config.unet.context_dim: name for name, config in FAMILIES.items()}
+
 
 
 # What diffusers and transformers call a part's weights, best first: safetensors before pickles, full before fp16.
@@ -27,7 +24,10 @@ WEIGHT_FILES = [
     for stem in ("diffusion_pytorch_model", "model", "pytorch_model")
     for variant in ("", ".fp16")
 ]
-DIFFUSERS_PARTS = ("unet", "vae", "text_encoder")
+# A folder's networks: the UNet, the VAE and one or two text towers (SDXL base: text_encoder and text_encoder_2; its
+# refiner: text_encoder_2 alone).
+DIFFUSERS_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
 
 
 def _kind(path: Path) -> str:
@@ -140,22 +140,26 @@ def read_object(path: Path):
 
 
 # Settings a diffusers folder keeps beside the weights, read when present: what the UNet predicts, what prompts are
-# padded with.
-DIFFUSERS_SETTINGS = {"scheduler": "scheduler/scheduler_config.json", "tokenizer": "tokenizer/special_tokens_map.json"}
+# padded with (for each tower).
+DIFFUSERS_SETTINGS = {"scheduler": "scheduler/scheduler_config.json", "tokenizer": "tokenizer/special_tokens_map.json",
+                      "tokenizer_2": "tokenizer_2/special_tokens_map.json"}
 
 
 def read_diffusers(folder: Path) -> tuple[dict, dict]:
-    """{part: tensors under diffusers/transformers names} and {part: its config.json}, plus "scheduler" and
-    "tokenizer" for the folder's scheduler config and special tokens when it has them."""
-    missing = [p for p in DIFFUSERS_PARTS if not (folder / p).is_dir()]
-    if len(missing) == len(DIFFUSERS_PARTS):
+    """{part: tensors under diffusers/transformers names} and {part: its config.json} for the parts the folder has
+    (unet, vae, and text_encoder and/or text_encoder_2), plus each of DIFFUSERS_SETTINGS the folder has."""
+    present = [p for p in DIFFUSERS_PARTS if (folder / p).is_dir()]
+    if not present:
         raise CheckpointError(
             f"{folder}: a folder, but not a diffusers model: it has none of the subfolders {', '.join(DIFFUSERS_PARTS)}"
         )
+    missing = [p for p in ("unet", "vae") if p not in present]
+    if not any(p in present for p in TEXT_PARTS):
+        missing.append(" or ".join(TEXT_PARTS))
     if missing:
         raise CheckpointError(f"{folder}: incomplete diffusers folder: missing subfolder(s) {', '.join(missing)}")
     parts, configs = {}, {}
-    for part in DIFFUSERS_PARTS:
+    for part in present:
         config_file = folder / part / "config.json"
         try:
             configs[part] = read_json(config_file)

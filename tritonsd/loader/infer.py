@@ -7,14 +7,24 @@ from collections.abc import Callable
 import torch
 
 from tritonsd import kernels
-from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.config import CONDITIONING, FAMILIES, SD2_V, SIZE_EMBEDDING_DIM, ModelConfig
 from tritonsd.loader.convert import ORIGINAL_PREFIXES
 from tritonsd.loader.formats import CheckpointError
 from tritonsd.loader.lora import is_lora
 
-# The architectures the engine runs; architecture() names others so that they can be refused by name.
-SUPPORTED = ("SD1.x", "SD2.x")
+# The architectures the engine runs, by the names ModelConfig.family gives them; architecture() names others so that
+# they can be refused by name.
+SUPPORTED = tuple(FAMILIES)
+FAMILY_LIST = f"{', '.join(SUPPORTED[:-1])} and {SUPPORTED[-1]}"
 _EOS = "<|endoftext|>"
+_EVIDENCE = {
+    "SD 1.x": "UNet, VAE and CLIP text encoder of Stable Diffusion 1.x",
+    "SD 2.x": "UNet with Linear transformer projections, OpenCLIP text encoder: Stable Diffusion 2.x",
+    "SDXL": "UNet with label_emb (pooled text and size conditioning), CLIP ViT-L and OpenCLIP ViT-bigG text "
+            "encoders: SDXL",
+    "SDXL refiner": "UNet with label_emb (pooled text, size and aesthetic-score conditioning), one OpenCLIP text "
+                    "encoder: the SDXL refiner",
+}
 
 
 def _dim(state: dict, key: str, i: int) -> int | None:
@@ -23,21 +33,44 @@ def _dim(state: dict, key: str, i: int) -> int | None:
     return t.shape[i] if t is not None and t.ndim > i else None
 
 
+def conditioning(adm_in_channels: int, pooled: int) -> str | None:
+    """What label_emb's input holds besides the pooled text embedding, told by its width alone:
+    adm_in_channels = pooled + 256 * numbers (ModelConfig.CONDITIONING: 6 for SDXL base's sizes, 5 for the refiner's
+    sizes and aesthetic score); None if the width fits neither. "none" without label_emb."""
+    if not adm_in_channels:
+        return "none"
+    numbers, rest = divmod(adm_in_channels - pooled, SIZE_EMBEDDING_DIM)
+    return next((name for name, n in CONDITIONING.items() if n and n == numbers and not rest and pooled), None)
+
+
+def _last_tower(state: dict) -> str:
+    return "text_encoder_2" if any(k.startswith("text_encoder_2.") for k in state) else "text_encoder"
+
+
+def _conditioning(state: dict) -> str | None:
+    return conditioning(_dim(state, "unet.label_emb.0.0.weight", 1) or 0,
+                        _dim(state, f"{_last_tower(state)}.text_projection.weight", 0) or 0)
+
+
+def family(state: dict[str, torch.Tensor]) -> str:
+    """Which of FAMILIES engine-named tensors belong to, by their shapes: label_emb's width makes an SDXL base or
+    refiner (a width that fits neither still reads as SDXL, for infer_config to refuse with the arithmetic)."""
+    if "unet.label_emb.0.0.weight" in state:
+        return "SDXL refiner" if _conditioning(state) == "aesthetic" else "SDXL"
+    return "SD 2.x" if _sd2(state) else "SD 1.x"
+
+
 def architecture(state: dict[str, torch.Tensor]) -> tuple[str, str]:
-    """(name, evidence) for engine-named tensors: "SD1.x", "SD2.x" or what the checkpoint looks like instead."""
+    """(name, evidence) for engine-named tensors: one of SUPPORTED, or what the checkpoint looks like instead."""
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in state)
 
-    if has("conditioner.embedders."):
-        return "SDXL", "its text encoders are conditioner.embedders.*"
     if has("embedder.") or has("noise_augmentor.") or has("unet.class_embedding."):
-        return "SD2.x unCLIP", "it conditions on image embeddings (embedder.*, noise_augmentor.*, or class_embedding)"
+        return "SD 2.x unCLIP", "it conditions on image embeddings (embedder.*, noise_augmentor.*, or class_embedding)"
     if has("depth_model."):
-        return "SD2.x depth", "it carries a MiDaS depth estimator (depth_model.*) and reads depth as a 5th latent channel"
+        return "SD 2.x depth", "it carries a MiDaS depth estimator (depth_model.*) and reads depth as a 5th latent channel"
     if has("low_scale_model."):
-        return "SD2.x x4 upscaler", "it conditions on a low-resolution image (low_scale_model.*)"
-    if "unet.label_emb.0.0.weight" in state:
-        return "SDXL", "its UNet has label_emb (size conditioning)"
+        return "SD 2.x x4 upscaler", "it conditions on a low-resolution image (low_scale_model.*)"
     if has("unet.joint_blocks."):
         return "SD3", "it is an MMDiT (joint_blocks), not a UNet"
     if has("double_blocks.") or has("unet.double_blocks."):
@@ -49,16 +82,12 @@ def architecture(state: dict[str, torch.Tensor]) -> tuple[str, str]:
     if "unet.input_blocks.0.0.weight" not in state:
         return "unknown", f"it has no UNet ({ORIGINAL_PREFIXES['unet'][0]}input_blocks.0.0.weight or unet/conv_in)"
     in_channels = _dim(state, "unet.input_blocks.0.0.weight", 1)
-    if _dim(state, "unet.middle_block.1.transformer_blocks.0.attn2.to_k.weight", 1) == 2048:
-        return "SDXL", "its UNet attends to 2048-wide text features"
-    family = "SD2.x" if _sd2(state) else "SD1.x"
+    name = family(state)
     if in_channels == 9:
-        return f"{family} inpainting", "its UNet takes 9 input channels (latents, mask, masked image)"
-    if in_channels == 5 and family == "SD2.x":
-        return "SD2.x depth", "its UNet takes 5 input channels (latents and depth)"
-    if family == "SD2.x":
-        return "SD2.x", "UNet with Linear transformer projections, OpenCLIP text encoder: Stable Diffusion 2.x"
-    return "SD1.x", "UNet, VAE and CLIP text encoder of Stable Diffusion 1.x"
+        return f"{name} inpainting", "its UNet takes 9 input channels (latents, mask, masked image)"
+    if in_channels == 5 and name == "SD 2.x":
+        return "SD 2.x depth", "its UNet takes 5 input channels (latents and depth)"
+    return name, _EVIDENCE[name]
 
 
 def _sd2(state: dict[str, torch.Tensor]) -> bool:
@@ -122,10 +151,24 @@ def _shape_readers(state: dict) -> dict[str, dict[str, Callable[[], object]]]:
             raise _Unreadable(f"no tensor matches {pattern}")
         return n
 
+    def optional(key: str, i: int) -> int:
+        """A width that is 0 when its tensor is absent (label_emb, text_projection)."""
+        return dim(key, i) if key in state else 0
+
+    def tower(part: str) -> dict[str, Callable[[], object]]:
+        token_embedding = f"{part}.embeddings.token_embedding.weight"
+        return {
+            "vocab_size": lambda: dim(token_embedding, 0),
+            "hidden_size": lambda: dim(token_embedding, 1),
+            "num_hidden_layers": lambda: count(rf"{part}\.encoder\.layers\.(\d+)\."),
+            "intermediate_size": lambda: dim(f"{part}.encoder.layers.0.mlp.fc1.weight", 0),
+            "max_position_embeddings": lambda: dim(f"{part}.embeddings.position_embedding.weight", 0),
+            "projection_dim": lambda: optional(f"{part}.text_projection.weight", 0),
+        }
+
     conv_in = "unet.input_blocks.0.0.weight"
     vae_in = "vae.encoder.conv_in.weight"
-    token_embedding = "text_encoder.embeddings.token_embedding.weight"
-    return {
+    readers = {
         "unet": {
             "in_channels": lambda: dim(conv_in, 1),
             "out_channels": lambda: dim("unet.out.2.weight", 0),
@@ -139,6 +182,7 @@ def _shape_readers(state: dict) -> dict[str, dict[str, Callable[[], object]]]:
             # SD 2.x projects into its transformers with Linear layers (2-D weights), SD 1.x with 1x1 convolutions.
             "use_linear_in_transformer": lambda: dim("unet.middle_block.1.proj_in.weight", 0) > 0
             and state["unet.middle_block.1.proj_in.weight"].ndim == 2,
+            "adm_in_channels": lambda: optional("unet.label_emb.0.0.weight", 1),
         },
         "vae": {
             "in_channels": lambda: dim(vae_in, 1),
@@ -150,19 +194,16 @@ def _shape_readers(state: dict) -> dict[str, dict[str, Callable[[], object]]]:
             "z_channels": lambda: dim("vae.decoder.conv_in.weight", 1),
             "embed_dim": lambda: dim("vae.post_quant_conv.weight", 1),
         },
-        "text": {
-            "vocab_size": lambda: dim(token_embedding, 0),
-            "hidden_size": lambda: dim(token_embedding, 1),
-            "num_hidden_layers": lambda: count(r"text_encoder\.encoder\.layers\.(\d+)\."),
-            "intermediate_size": lambda: dim("text_encoder.encoder.layers.0.mlp.fc1.weight", 0),
-            "max_position_embeddings": lambda: dim("text_encoder.embeddings.position_embedding.weight", 0),
-        },
+        "text": tower("text_encoder"),
     }
+    if any(k.startswith("text_encoder_2.") for k in state):
+        readers["text_2"] = tower("text_encoder_2")
+    return readers
 
 
 def shape_fields(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict[str, str]]:
-    """The config fields the tensors' shapes determine, {part: {field: value}}, and for those they cannot give,
-    {"part.field": why}."""
+    """The config fields the tensors' shapes determine, {part: {field: value}} (text_2 only when there is a second
+    text tower), and for those they cannot give, {"part.field": why}."""
     fields, unreadable = {}, {}
     for part, readers in _shape_readers(state).items():
         fields[part] = {}
@@ -176,20 +217,34 @@ def shape_fields(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict[
 
 def infer_config(state: dict[str, torch.Tensor], prediction_type: str = "epsilon") -> ModelConfig:
     """The config whose model has these tensors' shapes, for a model of this prediction type. What shapes cannot
-    tell (attention heads, GroupNorm groups, latent scaling, the text tower's activation and padding) takes the
-    value of the family the shapes belong to, SD 1.x or SD 2.x; SD 2.x v-prediction models draw at 768 pixels."""
+    tell (attention heads, GroupNorm groups, latent scaling and float16 safety, the text towers' activation, padding
+    and which layer conditions, the default size) takes the value of the family the shapes belong to (FAMILIES);
+    SD 2.x v-prediction models draw at 768 pixels. What label_emb receives follows from its width (conditioning())."""
     fields, unreadable = shape_fields(state)
     if unreadable:
         raise CheckpointError(f"cannot infer the model config: {next(iter(unreadable.values()))}")
-    sd2 = _sd2(state)
-    # SD 2.x: heads 64 wide; SD 1.x: 8 heads.
-    fields["unet"].update(num_heads=-1 if sd2 else 8, num_head_channels=64 if sd2 else -1,
-                          sample_size=96 if sd2 and prediction_type == "v_prediction" else 64)
-    hidden = fields["text"]["hidden_size"]
-    # CLIP ViT-L/14 has 12 heads of 64; other CLIP text towers (OpenCLIP ViT-H/14: 16) keep heads of 64.
-    fields["text"].update(num_attention_heads=12 if hidden == 768 else max(1, hidden // 64), **_text_family(sd2))
+    name = family(state)
+    base = SD2_V if name == "SD 2.x" and prediction_type == "v_prediction" else FAMILIES[name]
+    parts = base.to_dict()
+    towers = [part for part in ("text", "text_2") if part in fields]
+    if (parts["text_2"] is None) != ("text_2" not in fields):
+        raise CheckpointError(f"cannot infer the model config: {name} has {1 + (parts['text_2'] is not None)} text "
+                              f"encoder(s), the tensors {len(towers)}")
+    for part in ("unet", "vae", *towers):
+        parts[part].update(fields[part])
+    for part in towers:
+        hidden = fields[part]["hidden_size"]
+        # CLIP ViT-L/14 has 12 heads of 64; the OpenCLIP towers (ViT-H/14: 16, ViT-bigG/14: 20) keep heads of 64.
+        parts[part]["num_attention_heads"] = 12 if hidden == 768 else max(1, hidden // 64)
+    adm, pooled = fields["unet"]["adm_in_channels"], fields[towers[-1]]["projection_dim"]
+    parts["conditioning"] = conditioning(adm, pooled)
+    if parts["conditioning"] is None:
+        raise CheckpointError(
+            f"cannot infer the model config: label_emb takes {adm} inputs, which is the pooled text embedding's "
+            f"{pooled} plus neither {CONDITIONING['size']} (SDXL) nor {CONDITIONING['aesthetic']} (SDXL refiner) "
+            f"conditioning numbers of {SIZE_EMBEDDING_DIM}")
     try:
-        return ModelConfig.from_dict({**fields, "prediction_type": prediction_type})
+        return ModelConfig.from_dict({**parts, "prediction_type": prediction_type})
     except ValueError as e:
         raise CheckpointError(f"the model config inferred from the tensor shapes is not valid: {e}") from None
 
@@ -199,6 +254,10 @@ def config_mismatches(config: ModelConfig, state: dict[str, torch.Tensor]) -> li
     tensors Y". A config that passes describes a model no larger than the file's."""
     fields, _ = shape_fields(state)
     out = []
+    if (config.text_2 is None) != ("text_2" not in fields):
+        out.append(f"text_2 (a second text encoder) is {'absent' if config.text_2 is None else 'present'} in the "
+                   f"config, {'present' if 'text_2' in fields else 'absent'} in the tensors")
+        fields.pop("text_2", None)
     for part, values in fields.items():
         for name, from_shapes in values.items():
             given = getattr(getattr(config, part), name)
@@ -213,9 +272,10 @@ def _plain(value) -> str:
     return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
-def _text_family(sd2: bool) -> dict:
-    """The text tower's activation and padding: OpenCLIP's (GELU, id 0 "!") in SD 2.x, OpenAI CLIP's in SD 1.x."""
-    return dict(hidden_act="gelu", pad_token="!") if sd2 else dict(hidden_act="quick_gelu", pad_token=_EOS)
+def _pad(hidden_act: str) -> str:
+    """What a text tower pads prompts with when its tokenizer does not say: OpenCLIP's towers (GELU: SD 2.x's,
+    SDXL's bigG) id 0 "!", OpenAI's CLIP (quick GELU) its end token."""
+    return "!" if hidden_act == "gelu" else _EOS
 
 
 def _heads(heads, block_out_channels) -> dict:
@@ -241,9 +301,10 @@ def _pad_token(tokenizer: dict) -> str | None:
 
 
 def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
-    """ModelConfig from a diffusers folder's unet/, vae/ and text_encoder/ config.json files, with the prediction type
-    of scheduler/scheduler_config.json ("epsilon" without one) and the pad token of tokenizer/. Each entry read is
-    checked before any arithmetic is done with it."""
+    """ModelConfig from a diffusers folder's unet/, vae/, text_encoder/ and text_encoder_2/ config.json files (an SDXL
+    refiner's text_encoder_2 is the engine's text), with the prediction type of scheduler/scheduler_config.json
+    ("epsilon" without one) and the pad tokens of tokenizer/ and tokenizer_2/. What label_emb receives follows from
+    its width (conditioning()). Each entry read is checked before any arithmetic is done with it."""
     for part, source in configs.items():
         if not isinstance(source, dict):
             raise CheckpointError(f"{part}/config.json must hold a JSON object; it holds {type(source).__name__}")
@@ -260,10 +321,10 @@ def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
                                   f"got {repr(value)[:60]}")
         return value
 
-    def first(part: str, key: str, default=None) -> int:
-        """An int, or the first of a per-level list (SDXL-style configs)."""
+    def per_level(part: str, key: str, default: int) -> int | tuple[int, ...]:
+        """An int for every level, or one per level (SDXL's configs)."""
         if isinstance(configs[part].get(key), (list, tuple)):
-            return get(part, key, "ints")[0]
+            return tuple(get(part, key, "depths"))
         return get(part, key, "int", default)
 
     def widths(part: str) -> tuple[int, tuple[int, ...]]:
@@ -281,7 +342,19 @@ def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
     # diffusers names the UNet's head count attention_head_dim, a known misnomer kept for compatibility.
     heads = "num_attention_heads" if configs["unet"].get("num_attention_heads") else "attention_head_dim"
     heads = get("unet", heads, "ints" if isinstance(configs["unet"].get(heads), (list, tuple)) else "int")
-    sd2 = get("unet", "use_linear_projection", "bool", False)
+    # SDXL adds its pooled text embedding and its size (and aesthetic-score) embeddings to the timestep embedding
+    # ("text_time"); other additions are other models'.
+    addition = configs["unet"].get("addition_embed_type")
+    if addition not in (None, "text_time"):
+        raise CheckpointError(f"unet/config.json: addition_embed_type {addition!r} is not supported (SDXL's "
+                              "'text_time', or none)")
+    sdxl = addition == "text_time"
+    if sdxl and get("unet", "addition_time_embed_dim", "int") != SIZE_EMBEDDING_DIM:
+        raise CheckpointError(f"unet/config.json: addition_time_embed_dim {configs['unet']['addition_time_embed_dim']} "
+                              f"is not SDXL's {SIZE_EMBEDDING_DIM}")
+    if configs["unet"].get("reverse_transformer_layers_per_block") is not None:
+        raise CheckpointError("unet/config.json: reverse_transformer_layers_per_block (up blocks deeper or shallower "
+                              "than the down blocks) is not supported")
     unet = dict(
         in_channels=get("unet", "in_channels", "int"),
         out_channels=get("unet", "out_channels", "int"),
@@ -290,11 +363,12 @@ def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
         num_res_blocks=get("unet", "layers_per_block", "int"),
         attention_resolutions=tuple(2**i for i, b in reversed(list(enumerate(down_blocks))) if b.startswith("CrossAttn")),
         **_heads(heads, [mc * m for m in channel_mult]),
-        transformer_depth=first("unet", "transformer_layers_per_block", 1),
+        transformer_depth=per_level("unet", "transformer_layers_per_block", 1),
         context_dim=get("unet", "cross_attention_dim", "int"),
-        use_linear_in_transformer=sd2,
+        use_linear_in_transformer=get("unet", "use_linear_projection", "bool", False),
         norm_groups=get("unet", "norm_num_groups", "int", 32),
         sample_size=get("unet", "sample_size", "int", 64),
+        adm_in_channels=get("unet", "projection_class_embeddings_input_dim", "int") if sdxl else 0,
     )
     ch, ch_mult = widths("vae")
     vae = dict(
@@ -307,19 +381,45 @@ def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
         embed_dim=get("vae", "latent_channels", "int"),
         scaling_factor=get("vae", "scaling_factor", "number", 0.18215),
         norm_groups=get("vae", "norm_num_groups", "int", 32),
+        # diffusers' SDXL pipelines decode in float32 unless the VAE's config says force_upcast false (its default is
+        # true); its SD 1.x/2.x pipelines never read it.
+        force_upcast=get("vae", "force_upcast", "bool", True) if sdxl else False,
     )
-    # The text encoder's config.json uses the engine's field names; from_dict checks them.
-    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "max_position_embeddings", "hidden_act", "layer_norm_eps")
-    text = {"pad_token": _text_family(sd2)["pad_token"], **{k: configs["text_encoder"][k] for k in keys
-                                                            if k in configs["text_encoder"]}}
-    if pad := _pad_token(configs.get("tokenizer", {})):
-        text["pad_token"] = pad
+    parts = {"unet": unet, "vae": vae}
+    folders = [p for p in ("text_encoder", "text_encoder_2") if p in configs]
+    for part, folder in zip(("text", "text_2"), folders):
+        parts[part] = _diffusers_tower(configs, folder, get, sdxl)
+    adm, pooled = unet["adm_in_channels"], parts["text_2" if "text_2" in parts else "text"].get("projection_dim", 0)
+    parts["conditioning"] = conditioning(adm, pooled)
+    if parts["conditioning"] is None:
+        raise CheckpointError(
+            f"unet/config.json: projection_class_embeddings_input_dim {adm} is the pooled text embedding's {pooled} "
+            f"plus neither {CONDITIONING['size']} (SDXL) nor {CONDITIONING['aesthetic']} (SDXL refiner) conditioning "
+            f"numbers of {SIZE_EMBEDDING_DIM}")
     prediction_type = get("scheduler", "prediction_type", "str", "epsilon") if "scheduler" in configs else "epsilon"
     try:
-        return ModelConfig.from_dict({"unet": unet, "vae": vae, "text": text, "prediction_type": prediction_type})
+        return ModelConfig.from_dict({**parts, "prediction_type": prediction_type})
     except ValueError as e:
         raise CheckpointError(f"the diffusers config.json files describe an unsupported model: {e}") from None
+
+
+# Each text tower's tokenizer folder in a diffusers model.
+_TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+def _diffusers_tower(configs: dict, folder: str, get, sdxl: bool) -> dict:
+    """A text tower's config from its config.json (transformers' CLIPTextConfig, whose names the engine uses) and its
+    tokenizer's pad token. SDXL's towers condition with their penultimate layer; a CLIPTextModelWithProjection's
+    text_projection gives the pooled embedding."""
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings", "hidden_act", "layer_norm_eps")
+    text = {k: configs[folder][k] for k in keys if k in configs[folder]}
+    text["pad_token"] = _pad_token(configs.get(_TOKENIZERS[folder], {})) or _pad(text.get("hidden_act", "quick_gelu"))
+    if sdxl:
+        text["hidden_layer"] = "penultimate"
+    if "CLIPTextModelWithProjection" in (configs[folder].get("architectures") or ()):
+        text["projection_dim"] = get(folder, "projection_dim", "int")
+    return text
 
 
 def _positive(v) -> bool:
@@ -332,6 +432,10 @@ _DIFFUSERS_KINDS = {
     # Lists in config.json; tuples in a config diffusers holds in memory.
     "ints": ("a non-empty list of positive integers",
              lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(map(_positive, v))),
+    # Per-level transformer depths: 0 where a level has no attention.
+    "depths": ("a non-empty list of integers >= 0",
+               lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_positive(d) or d == 0 for d in v)
+               and not any(isinstance(d, bool) for d in v)),
     "strs": ("a list of strings", lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
     "number": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
     "bool": ("true or false", lambda v: isinstance(v, bool)),

@@ -2,12 +2,14 @@
 
 Formats (told apart by their tensor names):
 - kohya-ss / AUTOMATIC1111: `lora_unet_<module path with _>.lora_down.weight / .lora_up.weight / .alpha` and
-  `lora_te_…` for the text encoder, with diffusers-style (`down_blocks_0_attentions_0_…`) or CompVis-style
-  (`input_blocks_4_1_…`) module paths; linear and convolution layers (LoCon, with its optional `lora_mid` core);
+  `lora_te_…` for the text encoder (SDXL: `lora_te1_…` CLIP ViT-L, `lora_te2_…` OpenCLIP ViT-bigG), with
+  diffusers-style (`down_blocks_0_attentions_0_…`) or CompVis-style (`input_blocks_4_1_…`, as most SDXL LoRAs have)
+  module paths; linear and convolution layers (LoCon, with its optional `lora_mid` core);
 - LyCORIS LoHa (`hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b[, hada_t1, hada_t2]`) and LoKr
   (`lokr_w1 | lokr_w1_a/b, lokr_w2 | lokr_w2_a/b[, lokr_t2]`) under the same module names;
 - diffusers / PEFT: `unet.<diffusers module>.lora_A.weight / lora_B.weight` (or `.lora.down/.lora.up`), the older
-  `….processor.to_q_lora.down.weight`, and `text_encoder.…`, with PEFT's alpha from diffusers' adapter metadata.
+  `….processor.to_q_lora.down.weight`, and `text_encoder.…` (SDXL: and `text_encoder_2.…`), with PEFT's alpha from
+  diffusers' adapter metadata.
 
 Scaling follows AUTOMATIC1111 and ComfyUI: ΔW = multiplier · (alpha / rank) · update, where the rank is the first
 dimension of lora_down (hada_w1_b; for LoKr, lokr_w2_b's or else lokr_w1_b's) and a layer without alpha (or a LoKr
@@ -27,7 +29,8 @@ import torch
 from torch import nn
 
 from tritonsd.loader.convert import unet_rules
-from tritonsd.loader.formats import FAMILY_BY_WIDTH, CheckpointError, read_file
+from tritonsd.engine.config import FAMILY_BY_CONTEXT, FAMILY_BY_TEXT_WIDTH
+from tritonsd.loader.formats import CheckpointError, read_file
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -181,11 +184,21 @@ def _rank(kind: str, f: dict[str, torch.Tensor]) -> int | None:
 
 # --- where layers go ------------------------------------------------------------------------------------------------
 
+# The networks a LoRA patches; text_encoder_2 only in SDXL base.
+PARTS = ("unet", "text_encoder", "text_encoder_2")
+# A LoRA's names for the text towers -> the engine's: kohya's lora_te_ (one tower), lora_te1_/lora_te2_ (SDXL's two),
+# diffusers' text_encoder./text_encoder_2.
+KOHYA_TEXT = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+TWO_TOWERS = ("lora_te1_", "lora_te2_", "text_encoder_2.")
+
+
 def lora_targets(model: nn.Module) -> dict[str, Target]:
     """{engine module path, as kohya writes it (dots as underscores): Target} for every linear and convolution
-    weight of the UNet and the text encoder; q/k/v of the UNet's attention are rows of its joined weight."""
+    weight of the UNet and the text encoders; q/k/v of the UNet's attention are rows of its joined weight."""
     targets = {}
-    for part in ("unet", "text_encoder"):
+    for part in PARTS:
+        if getattr(model, part, None) is None:
+            continue
         for path, module in getattr(model, part).named_modules(prefix=part):
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 targets[path] = Target(f"{path}.weight", slice(None), module.weight.shape)
@@ -222,20 +235,22 @@ class _Resolver:
                 return self.targets.get("_".join(filter(None, ("unet", block, inner))).replace(".", "_"))
         return None
 
-    def text(self, path: str) -> Target | None:
-        return self.targets.get("text_encoder_" + path.removeprefix("text_model_"))
+    def text(self, part: str, path: str) -> Target | None:
+        return self.targets.get(f"{part}_{path.removeprefix('text_model_')}")
 
     def __call__(self, module: str) -> Target | None:
-        """module: a kohya name (lora_unet_…, lora_te_…) or a diffusers/PEFT dotted one (unet.…, text_encoder.…)."""
+        """module: a kohya name (lora_unet_…, lora_te_…, lora_te1_…, lora_te2_…) or a diffusers/PEFT dotted one
+        (unet.…, text_encoder.…, text_encoder_2.…)."""
         if module.startswith("lora_unet_"):
             return self.unet(module.removeprefix("lora_unet_"))
-        if module.startswith("lora_te_"):
-            return self.text(module.removeprefix("lora_te_"))
+        for prefix, part in KOHYA_TEXT.items():
+            if module.startswith(prefix):
+                return self.text(part, module.removeprefix(prefix))
         part, _, path = module.partition(".")
         if part == "unet":
             return self.unet(path.replace(".", "_"))
-        if part == "text_encoder":
-            return self.text(path.replace(".", "_"))
+        if part in ("text_encoder", "text_encoder_2"):
+            return self.text(part, path.replace(".", "_"))
         return None
 
 
@@ -293,10 +308,10 @@ def _peft_alphas(metadata: dict) -> dict[str, tuple[float, dict]]:
         return {}
     try:
         meta = json.loads(raw)
-        if any(meta.get(f"{part}.use_dora") for part in ("unet", "text_encoder")):
+        if any(meta.get(f"{part}.use_dora") for part in PARTS):
             raise ValueError("uses DoRA (weight-decomposed LoRA), which tritonsd does not apply")
         return {part: (float(meta[f"{part}.lora_alpha"]), dict(meta.get(f"{part}.alpha_pattern") or {}))
-                for part in ("unet", "text_encoder") if f"{part}.lora_alpha" in meta}
+                for part in PARTS if f"{part}.lora_alpha" in meta}
     except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"unreadable lora_adapter_metadata ({e})") from None
 
@@ -319,8 +334,6 @@ def read_lora(path, model: nn.Module, targets: dict[str, Target] | None = None) 
 
 
 def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Target]) -> tuple[list[Layer], str]:
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in raw) or any(k.startswith("text_encoder_2.") for k in raw):
-        raise ValueError("is an SDXL LoRA (it patches two text encoders); tritonsd runs SD 1.x and 2.x models")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
         module, leaf = _split(key)
@@ -331,12 +344,13 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
     if not grouped or not any(leaf in set().union(*KINDS.values()) for g in grouped.values() for leaf in g):
         first = ", ".join(list(raw)[:5])
         raise ValueError(f"not a LoRA: none of its {len(raw)} tensors is a LoRA, LoHa or LoKr weight ({first})")
-    family, width = lora_family(raw), model.config.unet.context_dim
-    ours = FAMILY_BY_WIDTH.get(width)
-    other = f"a LoRA for {family[0]} ({family[1]})" if family and family[0] != ours else None
-    if other and ours:  # its layers that read the text features cannot fit: say so before any layer is placed
-        raise ValueError(f"is {other}, but this model is {ours}, whose text features are {width} wide; a LoRA fits "
-                         "only the model family it was trained for")
+    family, named = model.config.family, lora_family(raw)
+    if named is None and model.text_encoder_2 is not None and any(k.startswith("lora_te_") for k in raw):
+        named = "SD 1.x or 2.x", "kohya's lora_te_ names a model with one text encoder"
+    other = f"a LoRA for {named[0]} ({named[1]})" if named and named[0] != family else None
+    if other:  # its layers that read the text features cannot fit: say so before any layer is placed
+        raise ValueError(f"is {other}, but this model is {family}, whose text features are "
+                         f"{model.config.unet.context_dim} wide; a LoRA fits only the model family it was trained for")
     peft = _peft_alphas(metadata)
     resolve = _Resolver(model, targets)
     layers, unplaced, formats = [], [], set()
@@ -364,10 +378,10 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
             raise ValueError(
                 f"layer {module} does not fit the model: it makes a {rows}-row update of {numel} elements for "
                 f"{target.param} rows {target.rows.start or 0}:{target.rows.stop or target.shape[0]}, whose weight is "
-                f"{list(target.shape)}; it is {other or 'a LoRA for another model'}"
+                f"{list(target.shape)}; it is {other or f'a LoRA for another model than this {family} one'}"
             )
         rank = _rank(kind, f)
-        if alpha is None and module.startswith(("unet.", "text_encoder.")):
+        if alpha is None and module.startswith(tuple(f"{part}." for part in PARTS)):
             part = module.split(".", 1)[0]
             if part in peft:
                 base, pattern = peft[part]
@@ -387,7 +401,7 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
     if unplaced:
         more = f", ... ({len(unplaced) - 5} more)" if len(unplaced) > 5 else ""
         raise ValueError(f"{len(unplaced)} of its layers name no layer of this model: {', '.join(unplaced[:5])}{more}; "
-                         f"it is {other or 'a LoRA for another architecture'}")
+                         f"it is {other or f'a LoRA for another architecture than this {family} one'}")
     seen: dict[tuple, str] = {}
     for layer in layers:
         key = (layer.target.param, layer.target.rows.start)
@@ -397,21 +411,23 @@ def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Targ
     return layers, "+".join(sorted(formats))
 
 
-# Layers whose input is the text features: the text encoder's attention projections and first MLP layer (its hidden
-# size), and the UNet's cross-attention keys and values (its context).
+# Layers whose input is the text features: a one-tower text encoder's attention projections and first MLP layer
+# (its hidden size), and the UNet's cross-attention keys and values (its context: both towers' widths in SDXL).
 TEXT_INPUT = re.compile(r"(lora_te_|text_encoder\.).*(q_proj|k_proj|v_proj|out_proj|fc1)")
 CONTEXT_INPUT = re.compile(r"(lora_unet_|unet\.).*attn2[._]to_[kv]")
 
 
 def lora_family(raw: dict[str, torch.Tensor]) -> tuple[str, str] | None:
-    """(model family, why) from the width of the text features a LoRA file's layers take in; None when it has no
-    such layer or the width names no family."""
+    """(model family, why) from a LoRA file's names (two text encoders: SDXL) or else the width of the text features
+    its layers take in; None when it has no such layer or the width names no family."""
+    if two := sorted({next(p for p in TWO_TOWERS if k.startswith(p)) for k in raw if k.startswith(TWO_TOWERS)}):
+        return "SDXL", f"it patches two text encoders: {', '.join(two)}"
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
         module, leaf = _split(key)
         grouped.setdefault(module, {})[leaf] = t
-    for pattern, what in ((CONTEXT_INPUT, "its cross-attention reads {}-wide text features"),
-                          (TEXT_INPUT, "its text-encoder layers are {} wide")):
+    for pattern, widths, what in ((CONTEXT_INPUT, FAMILY_BY_CONTEXT, "its cross-attention reads {}-wide text features"),
+                                  (TEXT_INPUT, FAMILY_BY_TEXT_WIDTH, "its text-encoder layers are {} wide")):
         for module, f in grouped.items():
             kinds = [kind for kind, leaves in KINDS.items() if set(f) & leaves]
             if not pattern.fullmatch(module) or len(kinds) != 1:
@@ -420,8 +436,8 @@ def lora_family(raw: dict[str, torch.Tensor]) -> tuple[str, str] | None:
                 rows, numel = _update_shape(kinds[0], f)
             except (KeyError, ValueError, IndexError):  # malformed: refused with its reason when its layer is read
                 continue
-            if rows and numel // rows in FAMILY_BY_WIDTH:
-                return FAMILY_BY_WIDTH[numel // rows], what.format(numel // rows)
+            if rows and numel // rows in widths:
+                return widths[numel // rows], what.format(numel // rows)
     return None
 
 
@@ -442,6 +458,6 @@ def describe_lora(raw: dict, metadata: dict, model: nn.Module) -> dict:
         info["problem"] = str(e)
         return info
     parts = [layer.target.param.split(".", 1)[0] for layer in layers]
-    info["layers"] = {part: parts.count(part) for part in ("unet", "text_encoder") if part in parts}
+    info["layers"] = {part: parts.count(part) for part in PARTS if part in parts}
     info["ranks"] = sorted({r for layer in layers if (r := _rank(layer.kind, layer.factors)) is not None})
     return info

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from tritonsd.engine.config import read_json
 from tritonsd.loader import _cast, _check_tensors
 from tritonsd.loader.convert import IGNORED, ORIGINAL_PREFIXES, from_original, vae_from_diffusers
 from tritonsd.loader.formats import WEIGHT_FILES, CheckpointError, read_file
@@ -36,3 +37,21 @@ def read_vae(path, dtype: torch.dtype | None = None, device="cpu") -> dict[str, 
                               f"begin {first})")
     _check_tensors(path, state)
     return _cast(state, dtype, device)
+
+
+def read_vae_force_upcast(path) -> bool | None:
+    """What a diffusers VAE folder's config.json (a model folder's vae/ taken) says of float16: force_upcast true (the
+    VAE overflows float16, as SDXL's does; diffusers' default when the config says nothing) or false (an fp16-safe VAE
+    such as SDXL's fp16-fix). None for a single file, which says nothing."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    config_file = (path / "vae" if (path / "vae").is_dir() else path) / "config.json"
+    try:
+        config = read_json(config_file)
+    except ValueError as e:
+        raise CheckpointError(f"{config_file}: cannot read the VAE's config ({e})") from None
+    upcast = config.get("force_upcast", True) if isinstance(config, dict) else None
+    if not isinstance(upcast, bool):
+        raise CheckpointError(f"{config_file}: force_upcast must be true or false; got {str(upcast)[:40]}")
+    return upcast
