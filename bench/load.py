@@ -1,8 +1,10 @@
-"""Load time and peak memory for a full-size SD1.5 checkpoint: tritonsd's loader against
+"""Load time and peak memory for a full-size SD1.5 (or SDXL base) checkpoint: tritonsd's loader against
 safetensors.torch.load_file reading every tensor of the same file. Each measurement runs in a fresh process so
-peak RSS is its own. The file is synthetic (every real SD1.5 tensor name and shape, random values).
+peak RSS is its own. The file is synthetic (every real tensor name and shape in the original layout, random values).
 
-    python bench/load.py [--json bench/results/load-cpu.json] [--repeat 3]
+    python bench/load.py [--model sd15|sdxl] [--json bench/results/load-cpu.json] [--repeat 3]
+
+SDXL is loaded into float16 only: a float32 copy of it (14 GB) is not how it is run.
 """
 
 import argparse
@@ -42,18 +44,22 @@ print(times[0], times[1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1
 """
 
 
-def write_checkpoint(path: Path) -> None:
+# The model's family preset (tritonsd.engine.config.FAMILIES) and the dtypes it is loaded into.
+MODELS = {"sd15": ("SD 1.x", ("float16", "float32")), "sdxl": ("SDXL", ("float16",))}
+
+
+def write_checkpoint(path: Path, family: str) -> None:
     sys.path.insert(0, str(ROOT))
     import safetensors.torch
     import torch
 
-    from tritonsd.engine.config import ModelConfig
+    from tritonsd.engine.config import FAMILIES
     from tritonsd.engine.model import StableDiffusion
     from tritonsd.loader.convert import to_original
 
     gen = torch.Generator().manual_seed(0)
     state = {name: torch.randn(meta.shape, generator=gen, dtype=torch.float32).to(torch.float16)
-             for name, meta in StableDiffusion.on_meta(ModelConfig()).state_dict().items()}
+             for name, meta in StableDiffusion.on_meta(FAMILIES[family]).state_dict().items()}
     safetensors.torch.save_file(to_original(state), path)
 
 
@@ -65,17 +71,19 @@ def measure(path: Path, how: str, dtype: str) -> tuple[float, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="sd15")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "sd15-synthetic.safetensors"
-        write_checkpoint(path)
+        family, dtypes = MODELS[args.model]
+        path = Path(tmp) / f"{args.model}-synthetic.safetensors"
+        write_checkpoint(path, family)
         size = path.stat().st_size
         rows = []
-        for dtype in ("float16", "float32"):
+        for dtype in dtypes:
             for how in ("safetensors", "tritonsd"):
                 runs = [measure(path, how, dtype) for _ in range(args.repeat)]
                 first = sorted(r[0] for r in runs)[len(runs) // 2]
@@ -85,7 +93,7 @@ def main() -> None:
                                  second_load_seconds_median=again, peak_rss_bytes=peak, peak_over_file=peak / size))
                 print(f"{how:12s} -> {dtype:8s} first {first:6.2f} s, again {again:6.2f} s, "
                       f"peak RSS {peak / 2**30:5.2f} GiB ({peak / size:.2f}x the file)")
-    result = dict(file_bytes=size, file_dtype="float16", device="cpu", cpu=platform.processor() or platform.machine(),
+    result = dict(model=family, file_bytes=size, file_dtype="float16", device="cpu", cpu=platform.processor() or platform.machine(),
                   cores=len(__import__("os").sched_getaffinity(0)), torch=torch.__version__,
                   python=platform.python_version(), rows=rows)
     if args.json:
