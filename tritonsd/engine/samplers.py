@@ -10,7 +10,8 @@ diffusers scheduler built from SD 1.x's scheduler config (scaled_linear betas, s
 set_alpha_to_one=False; SD 2.x's is the same) with that scheduler's defaults, and img2img truncation follows
 diffusers' StableDiffusionImg2ImgPipeline.get_timesteps. SDXL's denoising_start and denoising_end cut a run at a
 fraction of the training schedule as diffusers' SDXL pipelines do: a plan is a list of steps, so a cut is a slice of
-the whole run's rows, and the two sides of one cut fit together into the whole run.
+the whole run's rows, and the two sides of one cut fit together into the whole run (but for DPM++ 2M, whose second
+side starts with a first-order step, as diffusers' does: nothing carries the previous prediction across).
 
 A v-prediction model's output v is itself linear in what the model sees, so it changes only the coefficients:
 the model reads x_in = c_in*x, the noisy latent at noise level alphā (x_in = sqrt(alphā)*x0 + sqrt(1-alphā)*eps),
