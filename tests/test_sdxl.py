@@ -413,3 +413,37 @@ def test_an_sdxl_vae_decodes_in_bfloat16_under_a_float16_model(sdxl, tmp_path):
     vae.save_pretrained(tmp_path / "vae-fp16-fix")
     half.load_vae(tmp_path / "vae-fp16-fix")
     assert half.vae_dtype == torch.float16
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+
+def test_command_line_sdxl_options_become_settings():
+    from tritonsd.cli import _parser, _sdxl_settings
+
+    args = _parser().parse_args([
+        "img2img", "in.png", "a cat", "--original-size", "2048x1536", "--crop-top-left", "16,32",
+        "--negative-original-size", "512x512", "--aesthetic-score", "7.5", "--negative-aesthetic-score", "1",
+        "--denoising-start", "0.8"])
+    assert _sdxl_settings(args) == dict(original_size=(1536, 2048), crops_coords_top_left=(16, 32),
+                                        negative_original_size=(512, 512), aesthetic_score=7.5,
+                                        negative_aesthetic_score=1.0, denoising_start=0.8)
+    args = _parser().parse_args(["txt2img", "a cat", "--target-size", "1024x768", "--denoising-end", "0.8"])
+    assert _sdxl_settings(args) == dict(target_size=(768, 1024), denoising_end=0.8)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["txt2img", "a cat", "--original-size", "1024"], "--original-size: expected WIDTHxHEIGHT"),
+    (["txt2img", "a cat", "--original-size", "100000x1024"], "--original-size must be a (height, width) pair"),
+    (["txt2img", "a cat", "--denoising-end", "1.5"], "denoising_end must be in (0, 1), got 1.5"),
+    (["txt2img", "a cat", "--denoising-start", "0.5"], "unrecognized arguments: --denoising-start"),
+    (["txt2img", "a cat", "--aesthetic-score", "7", "--steps", "1", "--width", "32", "--height", "32",
+      "--device", "cpu"], "--aesthetic-score does not apply to this SD 1.x model"),
+])
+def test_command_line_refuses_bad_sdxl_options(argv, message, capsys, tmp_path):
+    from tritonsd.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["-o", str(tmp_path / "out.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err, err
+    assert not (tmp_path / "out.png").exists()
