@@ -110,8 +110,9 @@ class Pipeline:
         with torch.no_grad():
             for name, t in state.items():
                 current[name].copy_(t)
-        config = Path(path) / "config.json"
-        if config.is_file():
+        # A model folder given as the VAE holds it in vae/.
+        config = next((c for c in (Path(path) / "config.json", Path(path) / "vae" / "config.json") if c.is_file()), None)
+        if config is not None:
             try:
                 upcast = read_json(config).get("force_upcast", self.config.vae.force_upcast)
             except (ValueError, AttributeError) as e:
@@ -277,7 +278,7 @@ class Pipeline:
 
     def _prepare(self, settings: Settings, image) -> tuple[Image.Image | torch.Tensor | None, int, int]:
         """(img2img's picture, or latents, or None; width, height) of a run that has passed `check`."""
-        self._check_conditioning(settings)
+        settings.check_conditioning(self.config.conditioning, self.config.family)
         picture = None
         if settings.strength is None:
             if image is not None:
@@ -310,29 +311,6 @@ class Pipeline:
         if not bool(torch.isfinite(latents).all()):
             raise SettingError("image", "latents hold NaN or infinite values")
         return latents
-
-    # Per conditioning kind: the options its label_emb reads, and what the others are left at.
-    _CONDITIONING_DEFAULTS = {
-        "original_size": None, "target_size": None, "crops_coords_top_left": (0, 0), "negative_original_size": None,
-        "negative_target_size": None, "negative_crops_coords_top_left": None, "aesthetic_score": 6.0,
-        "negative_aesthetic_score": 2.5,
-    }
-    _CONDITIONING_READS = {
-        "none": (),
-        "size": ("original_size", "target_size", "crops_coords_top_left", "negative_original_size",
-                 "negative_target_size", "negative_crops_coords_top_left"),
-        "aesthetic": ("original_size", "crops_coords_top_left", "aesthetic_score", "negative_original_size",
-                      "negative_crops_coords_top_left", "negative_aesthetic_score"),
-    }
-
-    def _check_conditioning(self, settings: Settings) -> None:
-        """Refuse an SDXL conditioning option, set away from its default, that this model does not read."""
-        reads = self._CONDITIONING_READS[self.config.conditioning]
-        for name, default in self._CONDITIONING_DEFAULTS.items():
-            if name not in reads and getattr(settings, name) != default:
-                what = {"none": "no size or aesthetic conditioning", "size": "no aesthetic score (the refiner's)",
-                        "aesthetic": "no target size (the base's)"}[self.config.conditioning]
-                raise SettingError(name, f"does not apply to this {self.config.family} model: it reads {what}")
 
     @torch.inference_mode()
     def generate(self, settings: Settings, image=None, progress: bool = False):

@@ -4,6 +4,7 @@ a ValueError whose message starts with the argument's name and says what it acce
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -36,6 +37,19 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_CONDITIONING_SIDE = 16384
 # The refiner's aesthetic score is that of the LAION aesthetics predictor it was trained with: 0 to 10.
 AESTHETIC_RANGE = (0.0, 10.0)
+
+
+def _with_negatives(*names: str) -> tuple[str, ...]:
+    return names + tuple(f"negative_{name}" for name in names)
+
+
+# The Settings options each kind of ModelConfig.conditioning reads; a model refuses the others set away from their
+# defaults (Pipeline.check).
+CONDITIONING_OPTIONS = {
+    "none": (),
+    "size": _with_negatives("original_size", "crops_coords_top_left", "target_size"),
+    "aesthetic": _with_negatives("original_size", "crops_coords_top_left", "aesthetic_score"),
+}
 # PIL modes whose pixels are wider than 8 bits: convert("RGB") would clip them, so they are scaled instead.
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
@@ -238,6 +252,17 @@ class Settings:
         # The sampler's own checks: its name, the step count, strength and the cuts against the training schedule.
         put("plan", make_plan(self.sampler, self.steps, 1.0 if self.strength is None else self.strength,
                               denoising_start=self.denoising_start, denoising_end=self.denoising_end))
+
+    def check_conditioning(self, conditioning: str, family: str) -> None:
+        """Refuse an SDXL conditioning option, set away from its default, that a model of this conditioning kind
+        (ModelConfig.conditioning) does not read."""
+        reads = CONDITIONING_OPTIONS[conditioning]
+        for f in dataclasses.fields(self):
+            if f.name in CONDITIONING_OPTIONS["size"] + CONDITIONING_OPTIONS["aesthetic"] and f.name not in reads \
+                    and getattr(self, f.name) != f.default:
+                what = {"none": "no size or aesthetic conditioning", "size": "no aesthetic score (the refiner's)",
+                        "aesthetic": "no target size (the base's)"}[conditioning]
+                raise SettingError(f.name, f"does not apply to this {family} model: it reads {what}")
 
     @property
     def images(self) -> int:
