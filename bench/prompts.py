@@ -31,7 +31,7 @@ torch.set_num_threads(1)
 encoder = TextEncoder(TextConfig()).eval()
 words = PromptTokenizer(CLIPTokenizer.default(), TextConfig().vocab_size)
 with torch.inference_mode():
-    encode_chunks([words.chunks("warm up")], words.empty, lambda ids: encoder(ids)[0])
+    encode_chunks([words.chunks("warm up")], words.empty, encoder, words.tokenizer.pad_id)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     parse, encode = [], []
     for _ in range(3):
@@ -39,7 +39,7 @@ with torch.inference_mode():
         chunks = words.chunks(prompt)
         parse.append(time.process_time() - start)
         # As Pipeline.encode_prompt under guidance: the negative prompt (empty) beside the prompt.
-        context = encode_chunks([chunks, words.chunks("")], words.empty, lambda ids: encoder(ids)[0])
+        context, _ = encode_chunks([chunks, words.chunks("")], words.empty, encoder, words.tokenizer.pad_id)
         encode.append(time.process_time() - start)
         del context
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -11,35 +11,16 @@ from PIL import Image
 from tritonsd.engine.pipeline import Pipeline
 from tritonsd.engine.samplers import SAMPLERS
 from tritonsd.loader.convert import OPEN_CLIP_PREFIX
-from tiny import TINY, TINY_SD2, TINY_SD2_V, random_state, write_diffusers_folder, write_single_file
+from tiny import (
+    SCHEDULERS, SD15_SCHEDULER_CONFIG, TINY, TINY_SD2, TINY_SD2_V, psnr, random_state, rel_err, write_diffusers_folder,
+    write_single_file,
+)
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-SCHEDULERS = {
-    "ddpm": ("DDPMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-}
-SD15_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False, "skip_prk_steps": True, "trained_betas": None,
-}
 # SD 2.x's scheduler config is SD 1.5's with the model's prediction type.
 FAMILIES = {"sd1": TINY, "sd2": TINY_SD2, "sd2-v": TINY_SD2_V}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def families(*names: str):

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import safetensors.torch
 import torch
 
@@ -63,6 +64,40 @@ TINY_SDXL_REFINER = ModelConfig.from_dict({
     "text": _TINY_BIG_G,
     "conditioning": "aesthetic",
 })
+# The diffusers scheduler of each sampler, built from SD 1.5's scheduler config (SD 2.x's and the parity tests' SDXL
+# runs use the same, with the model's prediction type).
+SCHEDULERS = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+SD15_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False, "skip_prk_steps": True, "trained_betas": None,
+}
+
+
+def diffusers_scheduler(sampler: str, prediction_type: str = "epsilon"):
+    """diffusers' scheduler for one of our samplers, from SD 1.5's scheduler config."""
+    import diffusers
+
+    cls_name, extra = SCHEDULERS[sampler]
+    return getattr(diffusers, cls_name).from_config({**SD15_SCHEDULER_CONFIG, **extra, "prediction_type": prediction_type})
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
 SCHEDULE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
@@ -165,6 +200,70 @@ def original_sdxl_checkpoint(state: dict, extras: bool = True) -> dict[str, torc
         if extras:
             ckpt[SDXL_CLIP_L_PREFIX + "embeddings.position_ids"] = torch.arange(77)[None]
     return ckpt
+
+
+def original_sdxl_config(config: ModelConfig) -> dict:
+    """The sgm YAML shape (sd_xl_base.yaml, sd_xl_refiner.yaml) that diffusers' single-file conversion reads: the
+    UNet's label_emb is num_classes "sequential" of adm_in_channels inputs."""
+    original = original_config(config)
+    unet = original["model"]["params"].pop("unet_config")
+    unet["params"].update(num_classes="sequential", adm_in_channels=config.unet.adm_in_channels,
+                          transformer_depth=list(config.unet.transformer_depth))
+    original["model"]["params"]["network_config"] = unet
+    return original
+
+
+def diffusers_sdxl_parts(config: ModelConfig, checkpoint: dict, tokenizer_folder: Path) -> dict:
+    """diffusers' and transformers' modules of an SDXL base or refiner (the keyword arguments of
+    StableDiffusionXL(Img2Img)Pipeline, less the scheduler), converted from its original single file by diffusers'
+    own single-file functions, float32, loaded strictly."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sf
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    original = original_sdxl_config(config)
+    unet_config = sf.create_unet_diffusers_config_from_ldm(original, checkpoint)
+    # diffusers recognises SDXL's label_emb by the released models' context widths (2048, 1280); the tiny models'
+    # are others, so the SDXL choice is made here: the text_time addition of 256-wide embeddings.
+    unet_config.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=256,
+                       norm_num_groups=config.unet.norm_groups, sample_size=config.unet.sample_size)
+    unet = UNet2DConditionModel(**unet_config)
+    unet.load_state_dict(sf.convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)
+    vae_config = sf.create_vae_diffusers_config_from_ldm(original, checkpoint)
+    vae_config.update(norm_num_groups=config.vae.norm_groups, force_upcast=config.vae.force_upcast)
+    vae = AutoencoderKL(**vae_config)
+    vae.load_state_dict(sf.convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True)
+
+    def hf_config(t, **extra):
+        return CLIPTextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
+                              num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
+                              max_position_embeddings=t.max_position_embeddings, hidden_act=t.hidden_act,
+                              layer_norm_eps=t.layer_norm_eps, **extra)
+
+    def load(model, state):
+        wrapped = hasattr(model, "text_model")  # CLIPTextModel lost its wrapper in transformers 5
+        model.load_state_dict({k if wrapped else k.removeprefix("text_model."): v for k, v in state.items()},
+                              strict=True)
+        return model.eval()
+
+    def tokenizer(pad_token: str):
+        folder = Path(tokenizer_folder) / ("pad-eos" if pad_token == "<|endoftext|>" else "pad-bang")
+        if not folder.is_dir():
+            write_tokenizer(folder, pad_token)
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+
+    refiner = config.text_2 is None
+    big_g = config.text if refiner else config.text_2
+    prefix = SDXL_BIG_G_PREFIX["refiner" if refiner else "base"]
+    text_2 = CLIPTextModelWithProjection(hf_config(big_g, projection_dim=big_g.projection_dim))
+    load(text_2, sf.convert_open_clip_checkpoint(text_2, checkpoint, prefix=prefix))
+    parts = dict(unet=unet.eval(), vae=vae.eval(), text_encoder_2=text_2, tokenizer_2=tokenizer(big_g.pad_token),
+                 text_encoder=None, tokenizer=None)
+    if not refiner:
+        text = CLIPTextModel(hf_config(config.text))
+        state = {k: v for k, v in sf.convert_ldm_clip_checkpoint(checkpoint).items() if not k.endswith("position_ids")}
+        parts.update(text_encoder=load(text, state), tokenizer=tokenizer(config.text.pad_token))
+    return parts
 
 
 def write_single_file(path, state: dict, fmt: str = "safetensors", text_prefix: bool = True, wrap: bool = True,

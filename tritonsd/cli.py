@@ -54,7 +54,18 @@ _OPTIONS = {
     "guidance_scale": "--cfg", "batch_size": "--batch", "negative_prompt": "--negative-prompt",
     "clip_skip": "--clip-skip",
     **{name: f"--{name}" for name in ("steps", "sampler", "seed", "width", "height", "strength", "device")},
+    **{f"{neg}{name}": f"--{neg.replace('_', '-')}{flag}" for neg in ("", "negative_") for name, flag in (
+        ("original_size", "original-size"), ("target_size", "target-size"), ("crops_coords_top_left", "crop-top-left"),
+        ("aesthetic_score", "aesthetic-score"))},
+    "denoising_start": "--denoising-start", "denoising_end": "--denoising-end",
 }
+# SDXL's conditioning options: (Settings argument, option, how its value is written, what it sets).
+_SDXL_OPTIONS = (
+    ("original_size", "--original-size", "WIDTHxHEIGHT", "the size the training picture had (default: the image's)"),
+    ("target_size", "--target-size", "WIDTHxHEIGHT", "the size it was shown at (base; default: the image's)"),
+    ("crops_coords_top_left", "--crop-top-left", "TOP,LEFT", "where it was cropped (default: 0,0)"),
+    ("aesthetic_score", "--aesthetic-score", "SCORE", "its aesthetic score, 0 to 10 (refiner; default: 6)"),
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,6 +111,44 @@ def _lora_arg(value: str) -> tuple[Path, float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _size_arg(value: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT, as sizes are written (A1111's "Size: 1024x768"), -> diffusers' (height, width)."""
+    width, _, height = value.lower().partition("x")
+    try:
+        return int(height), int(width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, such as 1024x768, got {value!r}") from None
+
+
+def _pair_arg(value: str) -> tuple[int, int]:
+    top, _, left = value.partition(",")
+    try:
+        return int(top), int(left)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOP,LEFT in pixels, such as 0,0, got {value!r}") from None
+
+
+def _add_sdxl_options(p: argparse.ArgumentParser, img2img: bool) -> None:
+    group = p.add_argument_group("SDXL", "the training picture SDXL is told it draws (see the README); the negative-"
+                                         " forms condition the negative prompt (default: as the prompt)")
+    for name, flag, metavar, text in _SDXL_OPTIONS:
+        kind = {"WIDTHxHEIGHT": _size_arg, "TOP,LEFT": _pair_arg, "SCORE": float}[metavar]
+        group.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text)
+        group.add_argument(f"--negative-{flag[2:]}", dest=f"negative_{name}", type=kind, metavar=metavar)
+    if img2img:
+        group.add_argument("--denoising-start", type=float, metavar="F",
+                           help="continue a run stopped at F (0 to 1) of the schedule, adding no noise: in place of "
+                                "--strength, for the refiner")
+    group.add_argument("--denoising-end", type=float, metavar="F", help="stop at F (0 to 1) of the schedule")
+
+
+def _sdxl_settings(args) -> dict:
+    """The SDXL options given, as Settings arguments (those not given keep Settings' defaults)."""
+    names = [f"{neg}{name}" for name, *_ in _SDXL_OPTIONS for neg in ("", "negative_")]
+    names += ["denoising_start", "denoising_end"]
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
 def _add_prediction_type(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, metavar="TYPE",
                    help="what the UNet predicts, epsilon or v_prediction (default: what the checkpoint says; "
@@ -124,13 +173,14 @@ def _add_generation_options(p: argparse.ArgumentParser, size: bool, files: bool)
     else:
         p.add_argument("--seed", type=int, default=0, help="line N of the file uses seed + N (default: 0)")
     if size:
-        default = "(default: the model's own, 512 for SD 1.x, 768 for SD 2.x v-prediction models)"
+        default = "(default: the model's own, 512 for SD 1.x, 768 for SD 2.x v-prediction models, 1024 for SDXL)"
         p.add_argument("--width", type=int, help=f"pixels, a multiple of 8 {default}")
         p.add_argument("--height", type=int, help=f"pixels, a multiple of 8 {default}")
     if files:
         p.add_argument("--batch", type=int, default=1, help="images drawn together from one seed (default: 1)")
         p.add_argument("-o", "--output", default="output.png", metavar="OUT.png",
                        help="where to write; with --batch N, OUT-0.png ... OUT-{N-1}.png (default: output.png)")
+    _add_sdxl_options(p, img2img=not size)
     _add_model_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("-v", "--verbose", action="store_true", help="also print each prompt's token and chunk counts")
@@ -138,7 +188,7 @@ def _add_generation_options(p: argparse.ArgumentParser, size: bool, files: bool)
 
 def _parser(png: dict | None = None) -> argparse.ArgumentParser:
     """png: the settings of a --from-png picture, which become txt2img's defaults."""
-    parser = _Parser(prog="tritonsd", description="Stable Diffusion 1.x and 2.x inference with Triton kernels.")
+    parser = _Parser(prog="tritonsd", description="Stable Diffusion 1.x, 2.x and SDXL inference with Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("txt2img", help="generate images from a prompt")
@@ -247,7 +297,7 @@ def _settings(args, prompt: str, **run) -> Settings:
     _check_lora_tags(prompt, args)
     return Settings(
         prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, seed=args.seed,
-        clip_skip=args.clip_skip, **run,
+        clip_skip=args.clip_skip, **_sdxl_settings(args), **run,
     )
 
 

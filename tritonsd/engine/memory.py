@@ -6,11 +6,14 @@ The estimate, in bytes: N images of H x W pixels, latents of C x h x w (h = H / 
 batch B = 2N under guidance and N without, a the model dtype's size:
 
     latents  4 · 12 · B·C·h·w                 float32 sampler state: latents, carried x0, step noise, the UNet output
-    context  a · B · 77 · hidden              the text conditioning, repeated per image
-    text     a · T · 77 · (8·hidden + mlp)    the text encoder's activations, T = prompts (twice under guidance)
+    context  a · B · 77 · hidden              the text conditioning, repeated per image (hidden: all towers' widths)
+           + 4 · B · adm                      SDXL's conditioning vector for label_emb
+    text     a · T · 77 · (8·hidden + mlp)    the text encoder's activations, T = prompts (twice under guidance); the
+                                              larger tower's where there are two (they run one after the other)
     unet     a · 48 · B · max_level(ch · px)  the UNet's activations, scaled from its largest level
-    vae      a · 6 · N·H·W · c                the VAE decoder at full resolution, c = ch · max(ch_mult[:2]) the
-                                              width of its full-resolution layers (img2img encodes one image: less)
+    vae      v · 6 · N·H·W · c                the VAE decoder at full resolution, c = ch · max(ch_mult[:2]) the
+                                              width of its full-resolution layers (img2img encodes one image: less);
+                                              v the VAE dtype's size (float32 where an SDXL VAE is upcast)
            + 4 · 3 · N · (h·w)²  on a CPU     its middle attention's float32 scores: q, k and v are strided views,
                                               which sends scaled_dot_product_attention to its math path there (on
                                               CUDA the peaks in the README's Performance, 451 MiB at 512² to
@@ -48,9 +51,9 @@ class Need:
 
 
 def estimate(config: ModelConfig, device: torch.device, dtype: torch.dtype, settings: Settings, width: int,
-             height: int) -> Need:
+             height: int, vae_dtype: torch.dtype | None = None) -> Need:
     a = dtype.itemsize
-    u, v, t = config.unet, config.vae, config.text
+    u, v = config.unet, config.vae
     f = 2 ** (len(v.ch_mult) - 1)
     n = settings.images
     b = 2 * n if settings.guided else n
@@ -61,14 +64,14 @@ def estimate(config: ModelConfig, device: torch.device, dtype: torch.dtype, sett
         for level, mult in enumerate(u.channel_mult)
     )
     rows = len(settings.prompts) * (2 if settings.guided else 1)
-    tokens = t.max_position_embeddings
+    tokens = config.text.max_position_embeddings
     noisy_steps = len(settings.plan.noise_steps) if any(settings.plan.noise_steps) else 0
 
     latents = 4 * 12 * b * latent
-    context = a * b * tokens * u.context_dim
-    text = a * rows * tokens * (8 * t.hidden_size + t.intermediate_size)
+    context = a * b * tokens * u.context_dim + 4 * b * u.adm_in_channels
+    text = max(a * rows * tokens * (8 * t.hidden_size + t.intermediate_size) for t in config.towers)
     unet = a * UNET_FACTOR * b * largest
-    vae = a * VAE_FACTOR * n * height * width * v.ch * max(v.ch_mult[:2])
+    vae = (vae_dtype or dtype).itemsize * VAE_FACTOR * n * height * width * v.ch * max(v.ch_mult[:2])
     if device.type != "cuda":
         vae += 4 * 3 * n * (h * w) ** 2
     images = 4 * 5 * n * height * width * 3

@@ -1,5 +1,6 @@
 """txt2img and img2img. Randomness, guidance and step order follow diffusers' StableDiffusionPipeline and
-StableDiffusionImg2ImgPipeline, so the same seed gives the same image."""
+StableDiffusionImg2ImgPipeline (for SDXL, StableDiffusionXLPipeline and StableDiffusionXLImg2ImgPipeline), so the
+same seed gives the same image."""
 
 from __future__ import annotations
 
@@ -13,17 +14,19 @@ from tqdm.auto import tqdm
 
 from tritonsd import kernels
 from tritonsd.engine import memory
-from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.config import SIZE_EMBEDDING_DIM, ModelConfig, read_json
 from tritonsd.engine.graphs import GraphCache
 from tritonsd.engine.lora import CheckpointBase, CopiedBase, LoraSet, extract_lora_tags, find_lora
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.engine.prompts import PromptTokenizer, encode_chunks
 from tritonsd.engine.samplers import C_IN, COEFFICIENTS, TIMESTEP, SamplerPlan, with_prediction_type
 from tritonsd.engine.settings import (
-    Settings, SettingError, check_config, check_device, check_dtype, check_path, prompt_lists, read_image,
+    MAX_IMAGE_SIDE, Settings, SettingError, check_config, check_device, check_dtype, check_path, prompt_lists,
+    read_image,
 )
 from tritonsd.engine.text_encoder import applies_clip_skip, check_clip_skip
 from tritonsd.engine.tokenizer import CLIPTokenizer
+from tritonsd.engine.unet import timestep_embedding
 from tritonsd.loader.formats import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -41,8 +44,12 @@ class Pipeline:
         self.model = model
         self.tokenizer = tokenizer
         self.unet, self.vae, self.text_encoder = model.unet, model.vae, model.text_encoder
+        self.text_encoders = model.text_encoders
         self.config: ModelConfig = model.config
         self.prompt_tokenizer = PromptTokenizer(tokenizer, self.config.text.vocab_size)
+        # The towers read the same chunks, each padded with its own token (SDXL: CLIP-L its end token, bigG "!").
+        self.pad_ids = tuple(tokenizer.with_pad_token(tower.pad_token).pad_id for tower in self.config.towers)
+        self._set_vae_precision(self.config.vae.force_upcast)
         # Pixels per latent: the VAE halves the size at every level but the last.
         self.vae_scale = 2 ** (len(self.config.vae.ch_mult) - 1)
         self.default_size = self.config.unet.sample_size * self.vae_scale
@@ -77,9 +84,24 @@ class Pipeline:
             pipe.load_vae(vae)
         return pipe
 
+    def _set_vae_precision(self, force_upcast: bool) -> None:
+        """A VAE whose activations overflow float16 (force_upcast: SDXL's) runs in bfloat16 when the model runs in
+        float16: bfloat16 has float32's exponent range, so nothing overflows, at float16's memory and speed (diffusers
+        decodes in float32 instead). Where the GPU has no bfloat16, float32."""
+        dtype = self.dtype
+        if force_upcast and dtype == torch.float16:
+            bf16 = self.device.type != "cuda" or torch.cuda.is_bf16_supported()
+            dtype = torch.bfloat16 if bf16 else torch.float32
+        self.vae.to(dtype)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return self.vae.post_quant_conv.weight.dtype
+
     def load_vae(self, path: str | Path) -> None:
         """Replace the VAE's weights with a separate VAE file's or diffusers vae/ folder's (same architecture), in
-        place. Nothing changes if the file does not fit."""
+        place. Nothing changes if the file does not fit. A diffusers folder whose config.json says force_upcast
+        false (the SDXL fp16-fix VAE's) then runs in the model's dtype; any other VAE keeps the model's setting."""
         from tritonsd.loader import _mismatches
         from tritonsd.loader.vae import read_vae
 
@@ -92,6 +114,16 @@ class Pipeline:
         with torch.no_grad():
             for name, t in state.items():
                 current[name].copy_(t)
+        # A model folder given as the VAE holds it in vae/.
+        config = next((c for c in (Path(path) / "config.json", Path(path) / "vae" / "config.json") if c.is_file()), None)
+        if config is not None:
+            try:
+                upcast = read_json(config).get("force_upcast", self.config.vae.force_upcast)
+            except (ValueError, AttributeError) as e:
+                raise CheckpointError(f"{config}: {e}") from None
+            if not isinstance(upcast, bool):
+                raise CheckpointError(f"{config}: force_upcast must be true or false, got {upcast!r}")
+            self._set_vae_precision(upcast)
 
     # --- LoRA --------------------------------------------------------------------------------------------------
 
@@ -148,44 +180,62 @@ class Pipeline:
     def dtype(self) -> torch.dtype:
         return self.unet.out[2].weight.dtype
 
-    @torch.inference_mode()
     def encode_prompt(self, prompt: str | list[str], clip_skip: int = 1) -> torch.Tensor:
         """What the UNet attends to: [B, 77 * n, hidden] in the model dtype, for prompts in AUTOMATIC1111's syntax
         (tritonsd.engine.prompts), n the most chunks any of them takes; shorter prompts end in the empty prompt's
-        chunk. clip_skip applies to SD 1.x's CLIP only, as in AUTOMATIC1111 (applies_clip_skip)."""
+        chunk. With two text towers (SDXL), hidden is both towers' widths, the first's states first."""
+        return self.encode(prompt, clip_skip)[0]
+
+    @torch.inference_mode()
+    def encode(self, prompt: str | list[str], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(encode_prompt's conditioning, the pooled embedding [B, projection] of the last tower or None where it
+        has none). A prompt of several chunks has its first chunk's pooled embedding, as AUTOMATIC1111 takes it.
+        clip_skip applies to every tower, but SD 2.x takes none, as in AUTOMATIC1111 (applies_clip_skip)."""
         texts, _ = prompt_lists(prompt, "")
-        check_clip_skip(clip_skip, self.text_encoder.clip_skip_range)
-        if clip_skip > 1 and not applies_clip_skip(self.config.text):
+        for encoder in self.text_encoders:
+            check_clip_skip(clip_skip, encoder.clip_skip_range)
+        if clip_skip > 1 and not applies_clip_skip(self.config):
             if not self._told_clip_skip:
                 logger.warning("clip_skip %d is ignored: as in AUTOMATIC1111, SD 2.x's OpenCLIP text encoder takes no "
                                "clip skip (it already stops at its penultimate layer)", clip_skip)
                 self._told_clip_skip = True
             clip_skip = 1
         batch = [self.prompt_tokenizer.chunks(text) for text in texts]
-        context = encode_chunks(
-            batch, self.prompt_tokenizer.empty,
-            lambda ids: self._run("text", self.text_encoder, ids.to(self.device), clip_skip)[0],
-        )
-        return _finite(context, "text encoder")
+        hidden, pooled = [], None
+        for i, (encoder, pad_id) in enumerate(zip(self.text_encoders, self.pad_ids)):
+            def run(ids, name=f"text{i}", encoder=encoder):
+                return self._run(name, encoder, ids.to(self.device), clip_skip)
+
+            states, pooled = encode_chunks(batch, self.prompt_tokenizer.empty, run, pad_id)
+            hidden.append(states)
+        context = _finite(torch.cat(hidden, dim=-1), "text encoder")
+        return context, None if pooled is None else _finite(pooled, "text encoder")
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
-        """Read a textual-inversion embedding (A1111's .pt or .safetensors, diffusers' learned_embeds) and return the
-        word that names it in prompts: `token`, or else the file's name without its suffix."""
-        from tritonsd.loader.embeddings import read_embedding
+        """Read a textual-inversion embedding (A1111's .pt or .safetensors, diffusers' learned_embeds; for SDXL, a
+        file of clip_l and clip_g vectors, the refiner reading clip_g) and return the word that names it in prompts:
+        `token`, or else the file's name without its suffix."""
+        from tritonsd.loader.embeddings import read_embedding, read_sdxl_embedding
 
-        vectors = read_embedding(path, self.config.text.hidden_size)
+        if self.config.conditioning == "none":
+            vectors = read_embedding(path, self.config.text.hidden_size)
+        else:
+            # SDXL's embeddings name each tower's vectors: clip_l for CLIP ViT-L, clip_g for bigG (the pooled tower).
+            vectors = read_sdxl_embedding(path, {"clip_g" if tower.projection_dim else "clip_l": tower.hidden_size
+                                                 for tower in self.config.towers})
         name = Path(path).stem if token is None else token
         self.prompt_tokenizer.add_embedding(name, vectors)
-        self.text_encoder.embeddings.extra = self.prompt_tokenizer.table.to(self.device, self.dtype)
+        for encoder, table in zip(self.text_encoders, self.prompt_tokenizer.tables):
+            encoder.embeddings.extra = table.to(self.device, self.dtype)
         if self._graphs is not None:
-            # The captured text-encoder graphs read the table that was just replaced.
-            self._graphs.drop(lambda graph: graph[0] == "text")
+            # The captured text-encoder graphs read the tables that were just replaced.
+            self._graphs.drop(lambda graph: graph[0].startswith("text"))
         return name
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [B, 4, h, w] -> images [B, 3, H, W] in [0, 1], float32."""
-        image = self._run("decode", self.vae.decode, (latents / self.vae.scaling_factor).to(self.dtype))
+        image = self._run("decode", self.vae.decode, (latents / self.vae.scaling_factor).to(self.vae_dtype))
         return (_finite(image, "VAE decode").float() / 2 + 0.5).clamp(0, 1)
 
     def release_cuda_graphs(self) -> None:
@@ -205,22 +255,29 @@ class Pipeline:
         self, prompt: str | list[str], negative_prompt: str | list[str] = "", steps: int = 30, guidance_scale: float = 7.5,
         sampler: str = "euler", seed: int | None = None, width: int | None = None, height: int | None = None,
         batch_size: int = 1, output_type: str = "pil", progress: bool = False, clip_skip: int = 1,
+        **sdxl,
     ):
-        """width and height default to the size the model was trained at (512 for SD 1.x, 768 for SD 2.x v-models)."""
+        """width and height default to the size the model was trained at (512 for SD 1.x, 768 for SD 2.x v-models,
+        1024 for SDXL). SDXL's options (Settings): original_size, target_size, crops_coords_top_left, their
+        negative_ forms, and denoising_end (stop early, output_type="latent", for the refiner's img2img)."""
         settings = Settings(
             prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
-            width=width, height=height, batch_size=batch_size, output_type=output_type, clip_skip=clip_skip,
+            width=width, height=height, batch_size=batch_size, output_type=output_type, clip_skip=clip_skip, **sdxl,
         )
         return self.generate(settings, progress=progress)
 
     def img2img(
         self, image, prompt: str | list[str], strength: float = 0.8, negative_prompt: str | list[str] = "", steps: int = 30,
         guidance_scale: float = 7.5, sampler: str = "euler", seed: int | None = None, batch_size: int = 1,
-        output_type: str = "pil", progress: bool = False, clip_skip: int = 1,
+        output_type: str = "pil", progress: bool = False, clip_skip: int = 1, **sdxl,
     ):
+        """image: a picture (read_image), or latents [1 or B, 4, h, w] as txt2img's output_type="latent" gives them.
+        SDXL's options (Settings): original_size, target_size, crops_coords_top_left, aesthetic_score (refiner),
+        their negative_ forms, denoising_start (in place of strength: no noise is added; the base's denoising_end
+        run continued) and denoising_end."""
         settings = Settings(
             prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
-            batch_size=batch_size, strength=strength, output_type=output_type, clip_skip=clip_skip,
+            batch_size=batch_size, strength=strength, output_type=output_type, clip_skip=clip_skip, **sdxl,
         )
         return self.generate(settings, image, progress=progress)
 
@@ -229,22 +286,41 @@ class Pipeline:
         reverse, an unreadable or oversized image, or a memory estimate that does not fit."""
         self._prepare(settings, image)
 
-    def _prepare(self, settings: Settings, image) -> tuple[Image.Image | None, int, int]:
-        """(img2img's picture or None, width, height) of a run that has passed `check`."""
+    def _prepare(self, settings: Settings, image) -> tuple[Image.Image | torch.Tensor | None, int, int]:
+        """(img2img's picture, or latents, or None; width, height) of a run that has passed `check`."""
+        settings.check_conditioning(self.config.conditioning, self.config.family)
         picture = None
         if settings.strength is None:
             if image is not None:
                 raise SettingError("image", "is given but strength is not; img2img needs both")
             width = self.default_size if settings.width is None else settings.width
             height = self.default_size if settings.height is None else settings.height
+        elif isinstance(image, torch.Tensor):
+            picture = self._check_latents(image, settings.images)
+            height, width = (side * self.vae_scale for side in picture.shape[-2:])
         else:
             picture = read_image(image)
             # Sized down to multiples of the VAE's factor (8 for SD 1.x), as diffusers does.
             width, height = (side - side % self.vae_scale for side in picture.size)
             if width == 0 or height == 0:
                 raise SettingError("image", f"of size {picture.size} is smaller than {self.vae_scale}x{self.vae_scale} pixels")
-        memory.check(memory.estimate(self.config, self.device, self.dtype, settings, width, height), self.device)
+        need = memory.estimate(self.config, self.device, self.dtype, settings, width, height, self.vae_dtype)
+        memory.check(need, self.device)
         return picture, width, height
+
+    def _check_latents(self, latents: torch.Tensor, images: int) -> torch.Tensor:
+        channels = self.config.unet.in_channels
+        if latents.ndim != 4 or latents.shape[1] != channels or not latents.is_floating_point():
+            raise SettingError("image", f"given as a tensor must be latents [1 or {images}, {channels}, h, w] (txt2img's "
+                                        f"output_type='latent'), got a {latents.dtype} tensor of shape {list(latents.shape)}")
+        if latents.shape[0] not in (1, images):
+            raise SettingError("image", f"holds {latents.shape[0]} latents for {images} images; give one or {images}")
+        if max(latents.shape[-2:]) * self.vae_scale > MAX_IMAGE_SIDE or min(latents.shape[-2:]) == 0:
+            raise SettingError("image", f"latents of {list(latents.shape[-2:])} make an image past {MAX_IMAGE_SIDE} pixels "
+                                        "a side, or an empty one")
+        if not bool(torch.isfinite(latents).all()):
+            raise SettingError("image", "latents hold NaN or infinite values")
+        return latents
 
     @torch.inference_mode()
     def generate(self, settings: Settings, image=None, progress: bool = False):
@@ -257,31 +333,70 @@ class Pipeline:
         prompts, loras = self._prompt_loras(list(settings.prompts), negatives)
         # The prompts' <lora:...> tags change the weights for this call only; the VAE is never touched by one.
         with self._loras.temporarily(loras):
-            context = self._context(prompts, negatives, settings.batch_size, settings.guidance_scale, settings.clip_skip)
+            context, y = self._conditioning(prompts, negatives, settings, width, height)
             if settings.strength is None:
                 shape = (settings.images, self.config.unet.in_channels, height // self.vae_scale, width // self.vae_scale)
                 latents = torch.randn(shape, generator=generator, dtype=torch.float32) * plan.init_scale
                 latents = latents.to(self.device)
             else:
-                pixels = _pixels(picture, width, height).to(self.device, self.dtype)
-                mean, logvar = self.vae.encode(pixels)
-                sample = mean.float() + torch.exp(0.5 * logvar.float()) * torch.randn(mean.shape, generator=generator).to(self.device)
-                init = _finite(self.vae.scaling_factor * sample, "VAE encode").repeat(settings.images, 1, 1, 1)
-                noise = torch.randn(init.shape, generator=generator).to(self.device)
-                p, q = plan.add_noise
-                latents = p * init + q * noise
-            latents = self._denoise(latents, context, plan, settings.guidance_scale, generator, progress)
+                if isinstance(picture, torch.Tensor):
+                    init = picture.to(self.device, torch.float32)
+                else:
+                    pixels = _pixels(picture, width, height).to(self.device, self.vae_dtype)
+                    mean, logvar = self.vae.encode(pixels)
+                    sample = mean.float() + torch.exp(0.5 * logvar.float()) * torch.randn(mean.shape, generator=generator).to(self.device)
+                    init = _finite(self.vae.scaling_factor * sample, "VAE encode")
+                init = init.expand(settings.images, -1, -1, -1).clone()
+                if settings.denoising_start is None:
+                    noise = torch.randn(init.shape, generator=generator).to(self.device)
+                    p, q = plan.add_noise
+                    latents = p * init + q * noise
+                else:
+                    # A run continued where another stopped (denoising_end): its latents already hold that noise.
+                    latents = init
+            latents = self._denoise(latents, context, y, plan, settings.guidance_scale, generator, progress)
         return self._output(_finite(latents, "UNet sampling"), settings.output_type)
 
-    def _context(
-        self, prompts: list[str], negatives: list[str], batch_size: int, guidance_scale: float, clip_skip: int,
-    ) -> torch.Tensor:
-        texts = negatives + prompts if guidance_scale > 1.0 else prompts
-        return self.encode_prompt(texts, clip_skip).repeat_interleave(batch_size, dim=0)
+    def _conditioning(
+        self, prompts: list[str], negatives: list[str], settings: Settings, width: int, height: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(The UNet's context, SDXL's conditioning vector y or None), one row per image, negatives first under
+        guidance."""
+        guided = settings.guided
+        texts = negatives + prompts if guided else prompts
+        context, pooled = self.encode(texts, settings.clip_skip)
+        y = None
+        if self.config.conditioning != "none":
+            if guided and self.config.conditioning == "size":
+                # SDXL base conditions an empty negative prompt on zeros, its text and its pooled embedding alike
+                # (diffusers' force_zeros_for_empty_prompt, which the refiner's config turns off; A1111 does the
+                # same). Each prompt's negative on its own.
+                empty = torch.tensor([n == "" for n in negatives] + [False] * len(prompts), device=context.device)
+                context = torch.where(empty[:, None, None], torch.zeros_like(context), context)
+                pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+            positive, negative = self._size_numbers(settings, width, height)
+            numbers = [negative] * len(negatives) + [positive] * len(prompts) if guided else [positive] * len(prompts)
+            y = conditioning_vector(pooled, torch.tensor(numbers, dtype=torch.float32, device=pooled.device))
+            y = y.repeat_interleave(settings.batch_size, dim=0)
+        return context.repeat_interleave(settings.batch_size, dim=0), y
+
+    def _size_numbers(self, settings: Settings, width: int, height: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The numbers label_emb embeds for the prompt and its negative: original size, crop top-left and target
+        size (base) or aesthetic score (refiner), sizes as (height, width) and the crop as (top, left), as diffusers'
+        add_time_ids. Unset sizes are the image's; an unset negative is the prompt's."""
+        s = settings
+        original = s.original_size or (height, width)
+        crop = s.crops_coords_top_left
+        negative_original = s.negative_original_size or original
+        negative_crop = crop if s.negative_crops_coords_top_left is None else s.negative_crops_coords_top_left
+        if self.config.conditioning == "size":
+            target = s.target_size or (height, width)
+            return (*original, *crop, *target), (*negative_original, *negative_crop, *(s.negative_target_size or target))
+        return (*original, *crop, s.aesthetic_score), (*negative_original, *negative_crop, s.negative_aesthetic_score)
 
     def _denoise(
-        self, latents: torch.Tensor, context: torch.Tensor, plan: SamplerPlan, guidance_scale: float,
-        generator: torch.Generator, progress: bool,
+        self, latents: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None, plan: SamplerPlan,
+        guidance_scale: float, generator: torch.Generator, progress: bool,
     ) -> torch.Tensor:
         """The sampling loop, with no host-device sync: every step's scalars go to the device once, as rows of
         (timestep, c_in, a, b, c, s, d, e), and the step noise is drawn up front, in the order diffusers draws it
@@ -300,14 +415,15 @@ class Pipeline:
             noise = noise.pin_memory() if self.device.type == "cuda" else noise
         for i in tqdm(range(len(schedule)), disable=not progress, leave=False, desc="sampling"):
             noise_i = noise[i].to(self.device, non_blocking=True) if noise is not None else None
-            latents, extra = self._run("step", self._step, latents, extra, noise_i, context, guidance, schedule[i])
+            latents, extra = self._run("step", self._step, latents, extra, noise_i, context, y, guidance, schedule[i])
         return latents.clone()
 
-    def _step(self, x: torch.Tensor, extra, noise, context: torch.Tensor, guidance, row: torch.Tensor):
+    def _step(self, x: torch.Tensor, extra, noise, context: torch.Tensor, y, guidance, row: torch.Tensor):
         """One denoising step: the UNet on the scaled latents (twice stacked under guidance), then guidance and the
-        sampler update in one kernel. Latents stay float32; the UNet sees the model dtype."""
+        sampler update in one kernel. Latents stay float32; the UNet sees the model dtype. y: SDXL's conditioning
+        vector, an input like the context."""
         x_in = (x * row[C_IN]).to(self.dtype)
-        out = self.unet(torch.cat([x_in, x_in]) if guidance is not None else x_in, row[TIMESTEP], context)
+        out = self.unet(torch.cat([x_in, x_in]) if guidance is not None else x_in, row[TIMESTEP], context, y)
         return kernels.guided_step(out, x, row[COEFFICIENTS], guidance, extra, noise)
 
     def _output(self, latents: torch.Tensor, output_type: str):
@@ -317,6 +433,14 @@ class Pipeline:
         if output_type == "np":
             return image
         return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in image]
+
+
+def conditioning_vector(pooled: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+    """SDXL's label_emb input [B, pooled + 256·k] in float32: the pooled text embedding, then each of the k numbers
+    per row [B, k] as a 256-wide sinusoidal embedding, the timesteps' own (diffusers' add_time_proj,
+    Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0))."""
+    embedded = timestep_embedding(numbers.flatten(), SIZE_EMBEDDING_DIM).reshape(numbers.shape[0], -1)
+    return torch.cat([pooled.float(), embedded], dim=1)
 
 
 def _finite(x: torch.Tensor, stage: str) -> torch.Tensor:

@@ -10,6 +10,9 @@ textual-inversion embeddings.
 - Each chunk is encoded alone as BOS, its 75 tokens (padded) and EOS; the hidden states are multiplied by the
   token weights and rescaled to the chunk's mean before weighting (A1111's "Original" emphasis), and the chunks
   of a prompt are concatenated: [77 * chunks, hidden].
+- A model with two text towers (SDXL) gives both the same chunks, each padded with its own tower's pad token, and
+  weights each tower's hidden states on their own; an embedding holds one set of vectors per tower. The pooled
+  embedding is the first chunk's, as A1111 takes it.
 """
 
 from __future__ import annotations
@@ -118,6 +121,11 @@ class Chunk:
     weights: tuple[float, ...]
     length: int  # prompt tokens in it (an embedding's vectors count one each)
 
+    def padded(self, pad_id: int) -> tuple[int, ...]:
+        """The ids with the padding after the end token made pad_id (each text tower pads with its own token)."""
+        end = self.length + 2
+        return self.ids[:end] + (pad_id,) * (len(self.ids) - end)
+
 
 @dataclass(frozen=True)
 class _Embedding:
@@ -138,19 +146,28 @@ class PromptTokenizer:
         self.room = tokenizer.max_length - 2
         self.comma = tokenizer.vocab.get(",</w>")
         self.empty = self._chunk([], [])
-        self._vectors: dict[tuple[int, ...], tuple[str, torch.Tensor]] = {}
+        self._vectors: dict[tuple[int, ...], tuple[str, tuple[torch.Tensor, ...]]] = {}
         self._found: dict[int, list[tuple[tuple[int, ...], _Embedding]]] = {}
-        self.table: torch.Tensor | None = None  # every embedding's vectors, row i = id vocab_size + i
+        # Every embedding's vectors, one table per text tower: row i is id vocab_size + i.
+        self.tables: tuple[torch.Tensor, ...] | None = None
 
-    def add_embedding(self, name: str, vectors: torch.Tensor) -> None:
-        """Make `name` in prompts stand for vectors [n, hidden]. A name whose tokens are an earlier one's replaces it."""
+    def add_embedding(self, name: str, vectors: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+        """Make `name` in prompts stand for vectors [n, hidden], or one such tensor per text tower (the same n). A
+        name whose tokens are an earlier one's replaces it."""
         if not isinstance(name, str):
             raise ValueError(f"an embedding's name must be a str, got {type(name).__name__}")
+        vectors = (vectors,) if isinstance(vectors, torch.Tensor) else tuple(vectors)
+        if self.tables is not None and len(vectors) != len(self.tables):
+            raise ValueError(f"embedding {name!r} has vectors for {len(vectors)} text tower(s); the others have "
+                             f"{len(self.tables)}")
+        if len({len(v) for v in vectors}) != 1:
+            raise ValueError(f"embedding {name!r} has a different number of vectors for each text tower: "
+                             f"{[len(v) for v in vectors]}")
         pattern = tuple(self.tokenizer.encode(name))
         if not pattern:
             raise ValueError(f"embedding name {name!r} has no tokens to find in a prompt")
-        if not 1 <= len(vectors) <= self.room:
-            raise ValueError(f"embedding {name!r} has {len(vectors)} vectors; a prompt chunk holds 1 to {self.room}")
+        if not 1 <= len(vectors[0]) <= self.room:
+            raise ValueError(f"embedding {name!r} has {len(vectors[0])} vectors; a prompt chunk holds 1 to {self.room}")
         if len(pattern) == 1:
             logger.warning("embedding %r is a word of the vocabulary; prompts with that word get the embedding", name)
         previous = self._vectors.pop(pattern, None)
@@ -159,11 +176,11 @@ class PromptTokenizer:
         self._vectors[pattern] = (name, vectors)
         self._found, first_id = {}, self.vocab_size
         for tokens, (_, vecs) in self._vectors.items():
-            self._found.setdefault(tokens[0], []).append((tokens, _Embedding(first_id, len(vecs))))
-            first_id += len(vecs)
+            self._found.setdefault(tokens[0], []).append((tokens, _Embedding(first_id, len(vecs[0]))))
+            first_id += len(vecs[0])
         for candidates in self._found.values():
             candidates.sort(key=lambda c: len(c[0]), reverse=True)
-        self.table = torch.cat([vecs for _, vecs in self._vectors.values()])
+        self.tables = tuple(torch.cat(per_tower) for per_tower in zip(*(v for _, v in self._vectors.values())))
 
     @property
     def embeddings(self) -> list[str]:
@@ -233,16 +250,22 @@ class PromptTokenizer:
         )
 
 
-def encode_chunks(batch: list[list[Chunk]], empty: Chunk, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """[B, 77 * n, hidden] for B prompts' chunks, n the most chunks any has; shorter prompts end in the empty
-    prompt's chunk. `run` encodes ids [B, 77] (on the CPU) -> hidden states [B, 77, hidden]; it is called once per
-    chunk position, and its output is consumed before the next call (a CUDA graph's output buffer may be reused)."""
-    encoded = []
+def encode_chunks(
+    batch: list[list[Chunk]], empty: Chunk, run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([B, 77 * n, hidden], the first chunk's pooled embedding [B, projection] or None) for B prompts' chunks
+    padded with pad_id, n the most chunks any has; shorter prompts end in the empty prompt's chunk. `run` encodes
+    ids [B, 77] (on the CPU) -> (hidden states [B, 77, hidden], pooled or None); it is called once per chunk
+    position, and its output is consumed before the next call (a CUDA graph's output buffer may be reused)."""
+    encoded, pooled = [], None
     for i in range(max(len(chunks) for chunks in batch)):
         rows = [chunks[i] if i < len(chunks) else empty for chunks in batch]
-        hidden = run(torch.tensor([row.ids for row in rows]))
+        hidden, pooled_i = run(torch.tensor([row.padded(pad_id) for row in rows]))
         encoded.append(emphasize(hidden, [row.weights for row in rows]))
-    return torch.cat(encoded, dim=1)
+        if i == 0 and pooled_i is not None:
+            pooled = pooled_i.clone()
+    return torch.cat(encoded, dim=1), pooled
 
 
 def emphasize(hidden: torch.Tensor, weights: list[tuple[float, ...]]) -> torch.Tensor:

@@ -8,7 +8,10 @@ out up front on the host in float64 as per-step coefficients (StepCoefficients a
 and the GPU loop is one fused step per UNet call with no host-device sync. Each sampler reproduces the
 diffusers scheduler built from SD 1.x's scheduler config (scaled_linear betas, steps_offset=1,
 set_alpha_to_one=False; SD 2.x's is the same) with that scheduler's defaults, and img2img truncation follows
-diffusers' StableDiffusionImg2ImgPipeline.get_timesteps.
+diffusers' StableDiffusionImg2ImgPipeline.get_timesteps. SDXL's denoising_start and denoising_end cut a run at a
+fraction of the training schedule as diffusers' SDXL pipelines do: a plan is a list of steps, so a cut is a slice of
+the whole run's rows, and the two sides of one cut fit together into the whole run (but for DPM++ 2M, whose second
+side starts with a first-order step, as diffusers' does: nothing carries the previous prediction across).
 
 A v-prediction model's output v is itself linear in what the model sees, so it changes only the coefficients:
 the model reads x_in = c_in*x, the noisy latent at noise level alphā (x_in = sqrt(alphā)*x0 + sqrt(1-alphā)*eps),
@@ -56,6 +59,12 @@ class SamplerPlan:
     uses_extra: bool  # DPM++ carries the previous x0 prediction
     init_scale: float  # txt2img: x = randn * init_scale
     add_noise: tuple[float, float]  # img2img: x = p * x0 + q * noise before the first step
+
+    def first(self, n: int) -> "SamplerPlan":
+        """The plan of its first n steps; each step's row is the one it has in the whole run."""
+        return dataclasses.replace(self, timesteps=self.timesteps[:n], c_in=self.c_in[:n],
+                                   alpha_cumprod=self.alpha_cumprod[:n], coef=self.coef[:n],
+                                   noise_steps=self.noise_steps[:n])
 
     def schedule(self) -> torch.Tensor:
         """float64 [n, 8]: each step's timestep, c_in and coefficients, in the columns TIMESTEP, C_IN, COEFFICIENTS."""
@@ -259,8 +268,18 @@ def with_prediction_type(plan: SamplerPlan, prediction_type: str) -> SamplerPlan
     return dataclasses.replace(plan, coef=torch.stack(coef, dim=1))
 
 
-def make_plan(sampler: str, steps: int, strength: float = 1.0, prediction_type: str = "epsilon") -> SamplerPlan:
+def _cutoff(fraction: float) -> int:
+    """The training timestep at `fraction` of the way from pure noise (1000) to the image (0), as diffusers' SDXL
+    pipelines round it: a cut keeps the steps at or above it on one side and those below it on the other."""
+    return int(round(NUM_TRAIN_TIMESTEPS - fraction * NUM_TRAIN_TIMESTEPS))
+
+
+def make_plan(sampler: str, steps: int, strength: float = 1.0, prediction_type: str = "epsilon",
+              denoising_start: float | None = None, denoising_end: float | None = None) -> SamplerPlan:
     """The whole run of `sampler` over `steps` steps; strength < 1 keeps only the last steps (img2img).
+    denoising_start (img2img, in place of strength) keeps the steps whose timestep is below that fraction of the
+    training schedule, denoising_end the steps at or above its own: a run cut with denoising_end=f and one cut with
+    denoising_start=f are the two halves of one run (SDXL's base and refiner, "ensemble of experts").
     prediction_type is the model's: "epsilon" or "v_prediction"."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
@@ -269,10 +288,26 @@ def make_plan(sampler: str, steps: int, strength: float = 1.0, prediction_type: 
         raise ValueError(f"steps must be in [1, {NUM_TRAIN_TIMESTEPS - 1}], got {steps}")
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    kept = min(int(steps * strength), steps)
-    if kept == 0:
-        raise ValueError(
-            f"strength {strength} with {steps} steps leaves no denoising step; "
-            f"steps * strength must be at least 1"
-        )
-    return with_prediction_type(SAMPLERS[sampler].build(steps, steps - kept), prediction_type)
+    for name, fraction in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if fraction is not None and not 0 < fraction < 1:
+            raise ValueError(f"{name} must be in (0, 1), got {fraction}")
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise ValueError(f"denoising_start {denoising_start} must be below denoising_end {denoising_end}")
+    build = SAMPLERS[sampler].build
+    if denoising_start is None:
+        kept = min(int(steps * strength), steps)
+        if kept == 0:
+            raise ValueError(
+                f"strength {strength} with {steps} steps leaves no denoising step; "
+                f"steps * strength must be at least 1"
+            )
+    else:
+        kept = int((build(steps, 0).timesteps < _cutoff(denoising_start)).sum())
+    plan = build(steps, steps - kept) if kept else None
+    if plan is not None and denoising_end is not None:
+        plan = plan.first(int((plan.timesteps >= _cutoff(denoising_end)).sum()))
+    if plan is None or not len(plan.timesteps):
+        cut = ", ".join(f"{name} {value}" for name, value in (("denoising_start", denoising_start),
+                                                              ("denoising_end", denoising_end)) if value is not None)
+        raise ValueError(f"{cut} with {steps} steps leaves no denoising step; take more steps or move the cut")
+    return with_prediction_type(plan, prediction_type)

@@ -4,6 +4,7 @@ a ValueError whose message starts with the argument's name and says what it acce
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -31,6 +32,24 @@ SIZE_MULTIPLE = 8
 MAX_IMAGE_SIDE = 8192
 MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE**2
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# SDXL's size conditioning (original_size, target_size, crops_coords_top_left) in pixels: a picture past this side is
+# no picture SDXL was trained on (its data was bucketed around 1024x1024), so a larger value is a mistake.
+MAX_CONDITIONING_SIDE = 16384
+# The refiner's aesthetic score is that of the LAION aesthetics predictor it was trained with: 0 to 10.
+AESTHETIC_RANGE = (0.0, 10.0)
+
+
+def _with_negatives(*names: str) -> tuple[str, ...]:
+    return names + tuple(f"negative_{name}" for name in names)
+
+
+# The Settings options each kind of ModelConfig.conditioning reads; a model refuses the others set away from their
+# defaults (Pipeline.check).
+CONDITIONING_OPTIONS = {
+    "none": (),
+    "size": _with_negatives("original_size", "crops_coords_top_left", "target_size"),
+    "aesthetic": _with_negatives("original_size", "crops_coords_top_left", "aesthetic_score"),
+}
 # PIL modes whose pixels are wider than 8 bits: convert("RGB") would clip them, so they are scaled instead.
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
@@ -74,6 +93,20 @@ def check_size(argument: str, size) -> int:
     if size <= 0 or size % SIZE_MULTIPLE:
         raise SettingError(argument, f"must be {accepted}, got {size}")
     return size
+
+
+def check_pair(argument: str, value, low: int) -> tuple[int, int]:
+    """An SDXL conditioning pair (height, width) or (top, left), in diffusers' order: integers in
+    [low, MAX_CONDITIONING_SIDE]."""
+    accepted = f"a (height, width) pair of integers in [{low}, {MAX_CONDITIONING_SIDE}]"
+    if argument.endswith("crops_coords_top_left"):
+        accepted = f"a (top, left) pair of integers in [{low}, {MAX_CONDITIONING_SIDE}]"
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise SettingError(argument, f"must be {accepted}, got {value!r}")
+    pair = tuple(check_integer(argument, v, accepted) for v in value)
+    if not all(low <= v <= MAX_CONDITIONING_SIDE for v in pair):
+        raise SettingError(argument, f"must be {accepted}, got {value!r}")
+    return pair
 
 
 def check_device(device) -> torch.device:
@@ -151,6 +184,22 @@ class Settings:
     strength: float | None = None  # img2img: how much of the schedule runs, in (0, 1]
     output_type: str = "pil"
     clip_skip: int = 1  # 1: the text encoder's last layer; n: n - 1 layers earlier (A1111's "Clip skip")
+    # SDXL's conditioning on the training picture's size and crop, in pixels and diffusers' (height, width) and
+    # (top, left) order. None: the size of the image made. The negative forms condition the negative prompt; None:
+    # the same as the prompt's. The base reads original, crop and target; the refiner original, crop and aesthetic
+    # score. Pipeline.check refuses one a model does not read.
+    original_size: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_original_size: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    # Where the run starts (img2img, in place of strength) and ends, as fractions of the training schedule: a run
+    # with denoising_end=f and an img2img of its latents with denoising_start=f make one run (base and refiner).
+    denoising_start: float | None = None
+    denoising_end: float | None = None
     prompts: tuple[str, ...] = field(init=False, repr=False)
     negative_prompts: tuple[str, ...] = field(init=False, repr=False)
     plan: SamplerPlan = field(init=False, repr=False, compare=False)
@@ -181,8 +230,39 @@ class Settings:
         if not isinstance(self.output_type, str) or self.output_type not in OUTPUT_TYPES:
             raise SettingError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
         check_clip_skip(self.clip_skip)  # the layer count is the model's: encode_prompt checks the upper bound
-        # The sampler's own checks: its name, the step count and strength against the training schedule.
-        put("plan", make_plan(self.sampler, self.steps, 1.0 if self.strength is None else self.strength))
+        for name in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
+            if getattr(self, name) is not None:
+                put(name, check_pair(name, getattr(self, name), 1))
+        for name in ("crops_coords_top_left", "negative_crops_coords_top_left"):
+            if getattr(self, name) is not None:
+                put(name, check_pair(name, getattr(self, name), 0))
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            low, high = AESTHETIC_RANGE
+            score = check_real(name, getattr(self, name), f"a number in [{low:g}, {high:g}]")
+            if not low <= score <= high:
+                raise SettingError(name, f"must be a number in [{low:g}, {high:g}] (the LAION aesthetic score the "
+                                         f"refiner was trained with), got {score}")
+            put(name, score)
+        for name in ("denoising_start", "denoising_end"):
+            if getattr(self, name) is not None:
+                put(name, check_real(name, getattr(self, name), "a number in (0, 1)"))
+        if self.denoising_start is not None and self.strength is None:
+            raise SettingError("denoising_start", "applies to img2img (it takes the place of strength); txt2img "
+                                                  "starts from noise")
+        # The sampler's own checks: its name, the step count, strength and the cuts against the training schedule.
+        put("plan", make_plan(self.sampler, self.steps, 1.0 if self.strength is None else self.strength,
+                              denoising_start=self.denoising_start, denoising_end=self.denoising_end))
+
+    def check_conditioning(self, conditioning: str, family: str) -> None:
+        """Refuse an SDXL conditioning option, set away from its default, that a model of this conditioning kind
+        (ModelConfig.conditioning) does not read."""
+        reads = CONDITIONING_OPTIONS[conditioning]
+        for f in dataclasses.fields(self):
+            if f.name in CONDITIONING_OPTIONS["size"] + CONDITIONING_OPTIONS["aesthetic"] and f.name not in reads \
+                    and getattr(self, f.name) != f.default:
+                what = {"none": "no size or aesthetic conditioning", "size": "no aesthetic score (the refiner's)",
+                        "aesthetic": "no target size (the base's)"}[conditioning]
+                raise SettingError(f.name, f"does not apply to this {family} model: it reads {what}")
 
     @property
     def images(self) -> int:

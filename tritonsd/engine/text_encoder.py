@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tritonsd.engine.config import TextConfig
+from tritonsd.engine.config import ModelConfig, TextConfig
 from tritonsd.engine.layers import LayerNorm, multihead_attention
 
 
@@ -126,11 +126,11 @@ class TextEncoder(nn.Module):
         return hidden, self.text_projection(pooled)
 
 
-def applies_clip_skip(cfg: TextConfig) -> bool:
-    """Whether prompts for this text tower take AUTOMATIC1111's "Clip skip": OpenAI's CLIP (SD 1.x) does; A1111 never
-    reads the setting for OpenCLIP's towers (SD 2.x), which already stop at their penultimate block. OpenCLIP's
-    towers are the ones with exact GELU, OpenAI's use its sigmoid approximation (quick_gelu)."""
-    return cfg.hidden_act == "quick_gelu"
+def applies_clip_skip(config: ModelConfig) -> bool:
+    """Whether prompts for this model take "Clip skip": AUTOMATIC1111 never reads the setting for SD 2.x's OpenCLIP
+    tower, which already stops at its penultimate block; SD 1.x's CLIP and SDXL's towers (as diffusers' clip_skip)
+    take it."""
+    return config.family != "SD 2.x"
 
 
 def check_clip_skip(clip_skip, layers: int | None = None) -> None:
