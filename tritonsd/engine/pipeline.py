@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from tritonsd import kernels
 from tritonsd.engine import memory
-from tritonsd.engine.config import SIZE_EMBEDDING_DIM, ModelConfig, read_json
+from tritonsd.engine.config import SIZE_EMBEDDING_DIM, ModelConfig
 from tritonsd.engine.graphs import GraphCache
 from tritonsd.engine.lora import CheckpointBase, CopiedBase, LoraSet, extract_lora_tags, find_lora
 from tritonsd.engine.model import StableDiffusion
@@ -100,10 +100,10 @@ class Pipeline:
 
     def load_vae(self, path: str | Path) -> None:
         """Replace the VAE's weights with a separate VAE file's or diffusers vae/ folder's (same architecture), in
-        place. Nothing changes if the file does not fit. A diffusers folder whose config.json says force_upcast
-        false (the SDXL fp16-fix VAE's) then runs in the model's dtype; any other VAE keeps the model's setting."""
+        place. Nothing changes if the file does not fit. On SDXL, a diffusers folder whose config.json says force_upcast
+        false (the fp16-fix VAE's) then runs in the model's dtype."""
         from tritonsd.loader import _mismatches
-        from tritonsd.loader.vae import read_vae
+        from tritonsd.loader.vae import read_vae, read_vae_force_upcast
 
         state = read_vae(path, self.dtype, self.device)
         current = {f"vae.{k}": t for k, t in self.vae.state_dict(keep_vars=True).items()}
@@ -114,15 +114,10 @@ class Pipeline:
         with torch.no_grad():
             for name, t in state.items():
                 current[name].copy_(t)
-        # A model folder given as the VAE holds it in vae/.
-        config = next((c for c in (Path(path) / "config.json", Path(path) / "vae" / "config.json") if c.is_file()), None)
-        if config is not None:
-            try:
-                upcast = read_json(config).get("force_upcast", self.config.vae.force_upcast)
-            except (ValueError, AttributeError) as e:
-                raise CheckpointError(f"{config}: {e}") from None
-            if not isinstance(upcast, bool):
-                raise CheckpointError(f"{config}: force_upcast must be true or false, got {upcast!r}")
+        # Only a model whose own VAE overflows float16 (SDXL) reads the flag: diffusers writes force_upcast into every
+        # VAE config, SD 1.x's included, whose pipelines never read it.
+        upcast = read_vae_force_upcast(path)
+        if self.config.vae.force_upcast and upcast is not None:
             self._set_vae_precision(upcast)
 
     # --- LoRA --------------------------------------------------------------------------------------------------
