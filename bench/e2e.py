@@ -1,7 +1,7 @@
 """Whole-pipeline speed: tritonsd against diffusers, eager and under torch.compile, on the same random SD1.5
 weights (or SD 2.1 768-v's with --model sd21), on one GPU, in one run.
 
-    python bench/e2e.py --json OUT.json [--skip compiled,cold_start,...] [--model sd15|sd21|tiny|tiny-sd2]
+    python bench/e2e.py --json OUT.json [--skip compiled,cold_start,...] [--model sd15|sd21|sdxl|tiny|tiny-sd2|tiny-sdxl]
 
 Sections (each writes its figures into the JSON as soon as it is done):
 - accuracy: a 30-step 512x512 txt2img in float16 (Triton kernels, CUDA graphs) against the float32 reference
@@ -22,7 +22,9 @@ Sections (each writes its figures into the JSON as soon as it is done):
 
 With --model sd21 every section runs SD 2.1's 768-v architecture (OpenCLIP text tower, heads 64 wide, Linear
 transformer projections, v-prediction) at 768x768, batch 1: the guided step and the 30-step image against diffusers
-eager and compiled are its figures of interest (`--skip profile,layouts,cold_start` leaves the rest out).
+eager and compiled are its figures of interest (`--skip profile,layouts,cold_start` leaves the rest out). With
+--model sdxl they are SDXL base's at 1024x1024 (two text towers, label_emb, against StableDiffusionXLPipeline); its
+VAE overflows float16, so tritonsd decodes it in bfloat16 and diffusers, as its pipeline does, in float32.
 
 Times are medians of CUDA-event timings after warm-up. `--model tiny` and `--model tiny-sd2` run everything on a
 small model (on the CPU when there is no GPU) to check the script itself; their figures mean nothing.
@@ -85,11 +87,34 @@ MODELS = {
         sizes=[(768, 1)],
         **SD2_TEXT,
     ),
+    "sdxl": dict(
+        unet=dict(sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                  block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816),
+        vae={**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    projection_dim=1280, hidden_act="gelu", pad_token="!"),
+        sizes=[(1024, 1)],
+        **SD1_TEXT,
+    ),
     "tiny": dict(unet=TINY_UNET, vae=TINY_VAE, sizes=[(16, 1), (24, 2)], **SD1_TEXT,
                  text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)),
     "tiny-sd2": dict(unet={**TINY_UNET, "attention_head_dim": (2, 4), "use_linear_projection": True}, vae=TINY_VAE,
                      sizes=[(16, 1), (24, 2)], **SD2_TEXT,
                      text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)),
+    "tiny-sdxl": dict(
+        unet={**TINY_UNET, "attention_head_dim": (2, 4), "use_linear_projection": True, "cross_attention_dim": 80,
+              "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+              "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "addition_embed_type": "text_time",
+              "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 40 + 6 * 256},
+        vae={**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True}, sizes=[(16, 1), (24, 2)], **SD1_TEXT,
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        text_2=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, projection_dim=40,
+                    hidden_act="gelu", pad_token="!")),
 }
 TEXT_COMMON = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
                    pad_token_id=49407)
@@ -162,24 +187,35 @@ class Bench:
 
 
 def build(model: str, device: torch.device, dtype: torch.dtype, tmp: Path):
-    """Random diffusers SD 1.x/2.x parts and a tritonsd Pipeline on the very same tensors, plus a diffusers pipeline."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """Random diffusers SD 1.x/2.x/SDXL parts and a tritonsd Pipeline on the very same tensors, plus a diffusers
+    pipeline."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from transformers import CLIPTokenizer as HFTokenizer
 
     spec = MODELS[model]
+    xl = "text_2" in spec
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(**spec["unet"])
         vae = AutoencoderKL(**spec["vae"])
         text = CLIPTextModel(CLIPTextConfig(**spec["text"], **TEXT_COMMON, hidden_act=spec["hidden_act"]))
-    parts = {"unet": unet, "vae": vae, "text_encoder": text}
+        parts = {"unet": unet, "vae": vae, "text_encoder": text}
+        if xl:
+            second = {k: v for k, v in spec["text_2"].items() if k != "pad_token"}
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**second, **TEXT_COMMON))
     for part in parts.values():
         part.to(dtype).eval().requires_grad_(False)
 
+    # As save_pretrained writes them: a text config names its model class, which says whether it projects.
+    configs = {name: (dict(part.config) if name in ("unet", "vae")
+                      else {**part.config.to_dict(), "architectures": [type(part).__name__]})
+               for name, part in parts.items()}
     config = config_from_diffusers({
-        "unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": text.config.to_dict(),
-        "scheduler": {"prediction_type": spec["prediction_type"]}, "tokenizer": {"pad_token": spec["pad_token"]},
+        **configs, "scheduler": {"prediction_type": spec["prediction_type"]},
+        "tokenizer": {"pad_token": spec["pad_token"]},
+        **({"tokenizer_2": {"pad_token": spec["text_2"]["pad_token"]}} if xl else {}),
     })
     ours = StableDiffusion.on_meta(config)
     ours.load_state_dict(from_diffusers({k: p.state_dict() for k, p in parts.items()}), strict=True, assign=True)
@@ -196,11 +232,19 @@ def build(model: str, device: torch.device, dtype: torch.dtype, tmp: Path):
     # SD 1.5's (and 2.1's) scheduler config, whose Euler timesteps are evenly spaced ("linspace"), as tritonsd's euler.
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, steps_offset=1, prediction_type=spec["prediction_type"])
-    hf_tokenizer = HFTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
-                               pad_token=spec["pad_token"])
-    theirs = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=hf_tokenizer,
-                                     unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                     requires_safety_checker=False)
+
+    def hf_tokenizer(pad_token):
+        return HFTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
+                           pad_token=pad_token)
+
+    if xl:
+        theirs = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text, text_encoder_2=parts["text_encoder_2"], tokenizer=hf_tokenizer(spec["pad_token"]),
+            tokenizer_2=hf_tokenizer(spec["text_2"]["pad_token"]), unet=unet, scheduler=scheduler)
+    else:
+        theirs = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=hf_tokenizer(spec["pad_token"]),
+                                         unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                         requires_safety_checker=False)
     theirs.set_progress_bar_config(disable=True)
     return pipe, theirs, config
 
@@ -236,16 +280,25 @@ class StepInputs:
         self.guidance = torch.full((1,), GUIDANCE, device=dev)
         self.x2 = torch.randn(2 * batch, 4, lat, lat, device=dev, dtype=pipe.dtype)
         self.t = torch.tensor(500.0, device=dev)
+        # SDXL's label_emb input: the pooled text embedding and the six size numbers (diffusers takes them apart).
+        self.y, self.added = None, None
+        if pipe.config.unet.adm_in_channels:
+            pooled = pipe.config.towers[-1].projection_dim
+            self.y = torch.randn(2 * batch, pipe.config.unet.adm_in_channels, device=dev, dtype=pipe.dtype)
+            self.added = {"text_embeds": self.y[:, :pooled],
+                          "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * (2 * batch), device=dev,
+                                                   dtype=pipe.dtype)}
 
     def ours(self, pipe: Pipeline):
-        return pipe._run("step", pipe._step, self.latents, None, None, self.context, self.guidance, self.row)
+        return pipe._run("step", pipe._step, self.latents, None, None, self.context, self.y, self.guidance, self.row)
 
     def eager_unet(self, pipe: Pipeline):
         """tritonsd's step without graphs: every kernel launched from Python, as the profiler sees it."""
-        return pipe._step(self.latents, None, None, self.context, self.guidance, self.row)
+        return pipe._step(self.latents, None, None, self.context, self.y, self.guidance, self.row)
 
     def theirs(self, unet):
-        return unet(self.x2, self.t, encoder_hidden_states=self.context, return_dict=False)[0]
+        return unet(self.x2, self.t, encoder_hidden_states=self.context, added_cond_kwargs=self.added,
+                    return_dict=False)[0]
 
 
 def run_accuracy(b: Bench, pipe, theirs, config, size):
@@ -292,12 +345,25 @@ def run_long_prompt(b: Bench, pipe, size):
     return {"size": size, "rows": rows, "extra_cost_3_chunks": round(extra, 3)}
 
 
+def their_vae_dtype(pipe: Pipeline, theirs) -> torch.dtype:
+    """The dtype diffusers' pipeline decodes in: float32 for a VAE that overflows float16 (its force_upcast)."""
+    return torch.float32 if getattr(theirs.vae.config, "force_upcast", False) and pipe.config.vae.force_upcast else pipe.dtype
+
+
 def run_vae_decode(b: Bench, pipe, theirs, size):
     z = torch.randn(1, 4, size // 8, size // 8, device=b.device, dtype=pipe.dtype)
-    with torch.inference_mode(), kernels.backend("auto"):
-        ours = b.time_ms(lambda: pipe.decode(z), warmup=2, iters=10)
-        eager = b.time_ms(lambda: theirs.vae.decode(z / theirs.vae.config.scaling_factor).sample, warmup=2, iters=10)
-    return {"size": size, "tritonsd_ms": ours, "diffusers_eager_ms": eager, "speedup_vs_eager": round(eager / ours, 2)}
+    theirs_dtype = their_vae_dtype(pipe, theirs)
+    theirs.vae.to(theirs_dtype)
+    zt = z.to(theirs_dtype)
+    try:
+        with torch.inference_mode(), kernels.backend("auto"):
+            ours = b.time_ms(lambda: pipe.decode(z), warmup=2, iters=10)
+            eager = b.time_ms(lambda: theirs.vae.decode(zt / theirs.vae.config.scaling_factor).sample, warmup=2, iters=10)
+    finally:
+        theirs.vae.to(pipe.dtype)
+    return {"size": size, "tritonsd_ms": ours, "tritonsd_vae_dtype": str(pipe.vae_dtype).removeprefix("torch."),
+            "diffusers_eager_ms": eager, "diffusers_vae_dtype": str(theirs_dtype).removeprefix("torch."),
+            "speedup_vs_eager": round(eager / ours, 2)}
 
 
 def run_txt2img(b: Bench, pipe, theirs, sizes):
@@ -330,8 +396,10 @@ def run_compiled(b: Bench, pipe, theirs, size, previous: dict):
         inputs = StepInputs(pipe, size, 1)
         with torch.inference_mode():
             step = b.time_ms(lambda: inputs.theirs(theirs.unet), warmup=3, iters=20)
-            z = torch.randn(1, 4, size // 8, size // 8, device=b.device, dtype=pipe.dtype)
+            z = torch.randn(1, 4, size // 8, size // 8, device=b.device, dtype=their_vae_dtype(pipe, theirs))
+            theirs.vae.to(z.dtype)
             vae = b.time_ms(lambda: theirs.vae.decode(z).sample, warmup=3, iters=10)
+            theirs.vae.to(pipe.dtype)
     finally:
         theirs.unet, theirs.vae.decode = unet, decode
     result = {"size": size, "first_image_s_with_compilation": round(first, 1), "txt2img_ms": image,
@@ -430,7 +498,8 @@ def main(argv=None) -> int:
     if skip - set(SECTIONS):
         parser.error(f"--skip takes sections of {','.join(SECTIONS)}; got {args.skip!r}")
     if not torch.cuda.is_available() and not args.model.startswith("tiny"):
-        print("bench/e2e.py: needs a CUDA GPU (or --model tiny/tiny-sd2 to check the script on the CPU)", file=sys.stderr)
+        print("bench/e2e.py: needs a CUDA GPU (or --model tiny/tiny-sd2/tiny-sdxl to check the script on the CPU)",
+              file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, a few minutes on an H100/H200: the CUDA tests, the kernel benchmarks, then the whole-pipeline
-# benchmark, SD 1.5 and then SD 2.1 768-v. Installs nothing (diffusers must be importable for the parity tests and
-# bench/e2e.py). Results go to $OUT (default ./bench/out): gpu-tests.log, bench-pytest.json, kernels.json/.log,
-# e2e.json/.log, e2e-sd21.json/.log.
+# benchmark, SD 1.5, then SD 2.1 768-v, then SDXL base at 1024². Installs nothing (diffusers must be importable for
+# the parity tests and bench/e2e.py). Results go to $OUT (default ./bench/out): gpu-tests.log, bench-pytest.json,
+# kernels.json/.log, e2e.json/.log, e2e-sd21.json/.log, e2e-sdxl.json/.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
@@ -17,10 +17,14 @@ timeout 120 python bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/
 timeout 420 python bench/e2e.py --json "$OUT/e2e.json" ${E2E_ARGS:-} 2>&1 | grep -v Warning > "$OUT/e2e.log" || status=1
 timeout 420 python bench/e2e.py --model sd21 --skip profile,layouts,cold_start --json "$OUT/e2e-sd21.json" \
     2>&1 | grep -v Warning > "$OUT/e2e-sd21.log" || status=1
-python - "$OUT/e2e.json" "$OUT/e2e-sd21.json" <<'PY' || status=1
-import json, sys
+timeout 300 python bench/e2e.py --model sdxl --skip profile,layouts,cold_start,long_prompt --json "$OUT/e2e-sdxl.json" \
+    2>&1 | grep -v Warning > "$OUT/e2e-sdxl.log" || status=1
+python - "$OUT/e2e.json" "$OUT/e2e-sd21.json" "$OUT/e2e-sdxl.json" <<'PY' || status=1
+import json, os, sys
 for path in sys.argv[1:]:
     print(path)
+    if not os.path.exists(path):  # its run failed or timed out before its first section
+        continue
     for name, s in json.load(open(path))["sections"].items():
         print(name, {k: v for k, v in s.items() if k not in ("kernels", "memory_beyond_weights")})
 PY
