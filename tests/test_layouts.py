@@ -13,9 +13,10 @@ import safetensors.torch
 import torch
 
 from tritonsd import CheckpointError, ModelConfig, Pipeline, loader
-from tritonsd.engine.config import SD2, SD2_V
+from tritonsd.engine.config import SD2, SD2_V, SDXL, SDXL_REFINER
 from tritonsd.loader.compvis import config_from_compvis, parse_yaml
-from tiny import TINY, TINY_SD2, original_checkpoint, random_state, write_diffusers_folder, write_single_file
+from tiny import (TINY, TINY_SD2, TINY_SDXL, original_checkpoint, original_sdxl_checkpoint, random_state,
+                  write_diffusers_folder, write_single_file)
 
 yaml = pytest.importorskip("yaml")
 
@@ -231,6 +232,18 @@ model:
             target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
             params:
               outdim: 256  # multiplied by two
+
+          - is_trainable: False
+            input_key: crop_coords_top_left
+            target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
+            params:
+              outdim: 256  # multiplied by two
+
+          - is_trainable: False
+            input_key: target_size_as_tuple
+            target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
+            params:
+              outdim: 256  # multiplied by two
               
     first_stage_config:
       target: sgm.models.autoencoder.AutoencoderKLInferenceWrapper
@@ -252,6 +265,17 @@ model:
         lossconfig:
           target: torch.nn.Identity
 """
+
+# sd_xl_refiner.yaml: the same file but for the UNet's sizes, bigG alone (as embedder 0) and the aesthetic score in
+# place of the target size.
+_CLIP_L_EMBEDDER = SDXL_BASE[SDXL_BASE.index("          - is_trainable: False\n            input_key: txt\n"):
+                             SDXL_BASE.index("          - is_trainable: False\n            input_key: txt\n            target: sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2")]
+SDXL_REFINER_YAML = (SDXL_BASE.replace(_CLIP_L_EMBEDDER, "").replace("adm_in_channels: 2816", "adm_in_channels: 2560")
+                     .replace("model_channels: 320", "model_channels: 384")
+                     .replace("channel_mult: [1, 2, 4]\n", "channel_mult: [1, 2, 4, 4]\n")
+                     .replace("transformer_depth: [1, 2, 10]", "transformer_depth: 4")
+                     .replace("context_dim: 2048", "context_dim: 1280")
+                     .replace("target_size_as_tuple", "aesthetic_score"))
 
 TRICKY = """\
 # comment first
@@ -317,6 +341,58 @@ def test_v2_inference_yamls_are_sd2(text, want):
                                text=dataclasses.replace(SD2.text, hidden_act=sd1.text.hidden_act, pad_token=sd1.text.pad_token))
     got = config_from_compvis(parse_yaml(text), base)
     assert got == dataclasses.replace(want, unet=dataclasses.replace(want.unet, sample_size=sd1.unet.sample_size))
+
+
+@pytest.mark.parametrize("text, want", [(SDXL_BASE, SDXL), (SDXL_REFINER_YAML, SDXL_REFINER)], ids=["base", "refiner"])
+def test_sgm_yamls_are_sdxl(text, want):
+    """Stability's sgm YAMLs (sd_xl_base.yaml, sd_xl_refiner.yaml): the UNet under network_config, the VAE scale,
+    what the denoiser's scaling says the UNet predicts. The base (what shapes would give) differs from the answer in
+    every field the YAML states, so each must come from the YAML; the text towers come from the base."""
+    base = dataclasses.replace(
+        want, prediction_type="v_prediction",
+        unet=dataclasses.replace(want.unet, num_res_blocks=1, num_head_channels=32, transformer_depth=1),
+        vae=dataclasses.replace(want.vae, scaling_factor=0.18215))
+    assert config_from_compvis(parse_yaml(text), base) == want
+    v = text.replace("denoiser_scaling.EpsScaling", "denoiser_scaling.VScaling")
+    assert config_from_compvis(parse_yaml(v), base) == dataclasses.replace(want, prediction_type="v_prediction")
+
+
+@pytest.mark.parametrize("text, base, message", [
+    (SDXL_BASE, SDXL_REFINER, r"its conditioner \(2 text tower\(s\), conditioning size\) does not describe this model "
+                              r"\(1 text tower\(s\), conditioning aesthetic\)"),
+    (SDXL_BASE.replace("layer: penultimate", "layer: last"), SDXL, "FrozenOpenCLIPEmbedder2 at layer 'last' is not supported"),
+    (SDXL_BASE.replace("EpsScaling", "EDMScaling"), SDXL, "denoiser scaling .*EDMScaling is not supported"),
+    (SDXL_BASE.replace("attn_type: vanilla-xformers", "attn_type: linear"), SDXL, "attn_type 'linear' is not supported"),
+], ids=["another model", "last layer", "edm", "linear attention"])
+def test_sgm_yamls_that_do_not_fit_are_refused(text, base, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_compvis(parse_yaml(text), base)
+
+
+def test_an_sgm_yaml_beside_an_sdxl_file_is_its_config(tmp_path):
+    """A tiny SDXL single file with its sd_xl_base.yaml (sizes set to the tiny model's, VScaling) beside it: the
+    YAML's prediction type, and the rest as the file's shapes and the family give it (heads 64 wide and 32 GroupNorm
+    groups, which the shapes cannot tell)."""
+    config = ModelConfig.from_dict({**TINY_SDXL.to_dict(), "unet": {**TINY_SDXL.to_dict()["unet"], "model_channels": 64,
+                                                                     "num_head_channels": 64}})
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(original_sdxl_checkpoint(random_state(config)), path)
+    u = config.unet
+    (tmp_path / "model.yaml").write_text(
+        SDXL_BASE.replace("adm_in_channels: 2816", f"adm_in_channels: {u.adm_in_channels}")
+        .replace("model_channels: 320", f"model_channels: {u.model_channels}")
+        .replace("channel_mult: [1, 2, 4]\n", f"channel_mult: {list(u.channel_mult)}\n")
+        .replace("num_head_channels: 64", f"num_head_channels: {u.num_head_channels}")
+        .replace("transformer_depth: [1, 2, 10]", f"transformer_depth: {list(u.transformer_depth)}")
+        .replace("context_dim: 2048", f"context_dim: {u.context_dim}")
+        .replace("ch: 128", f"ch: {TINY_SDXL.vae.ch}").replace("ch_mult: [1, 2, 4, 4]", f"ch_mult: {list(TINY_SDXL.vae.ch_mult)}")
+        .replace("num_res_blocks: 2\n          attn", f"num_res_blocks: {TINY_SDXL.vae.num_res_blocks}\n          attn")
+        .replace("denoiser_scaling.EpsScaling", "denoiser_scaling.VScaling"))
+    model, _ = loader.load(path)
+    got = model.config
+    assert (got.family, got.prediction_type, got.unet, got.text_2) == (
+        "SDXL", "v_prediction", dataclasses.replace(config.unet, norm_groups=32, sample_size=128),
+        dataclasses.replace(config.text_2, num_attention_heads=1)), got
 
 
 def test_a_v_yaml_beside_an_sd2_file_makes_it_v_prediction_at_its_size(tmp_path):

@@ -233,14 +233,17 @@ def parse_yaml(text: str):
 
 UNET_FIELDS = ("in_channels", "out_channels", "model_channels", "attention_resolutions", "num_res_blocks",
                "channel_mult", "num_heads", "num_head_channels", "transformer_depth", "context_dim",
-               "use_linear_in_transformer")
+               "use_linear_in_transformer", "adm_in_channels")
 VAE_FIELDS = ("in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks", "z_channels")
 # Parameters that do not change the graph: training and memory switches, and values the engine's graph has.
 UNET_NEUTRAL = {"image_size": None, "use_checkpoint": None, "use_fp16": None, "legacy": None, "dropout": None,
                 "use_spatial_transformer": True, "dims": 2, "conv_resample": True, "use_scale_shift_norm": False, "resblock_updown": False,
-                "num_heads_upsample": -1, "use_new_attention_order": False, "num_classes": None, "n_embed": None}
+                "num_heads_upsample": -1, "use_new_attention_order": False, "num_classes": None, "n_embed": None,
+                "spatial_transformer_attn_type": None}
+# xformers' attention is the same attention, run by another library.
 DDCONFIG_NEUTRAL = {"double_z": True, "resolution": None, "dropout": None, "attn_resolutions": [],
-                    "attn_type": "vanilla"}
+                    "attn_type": None}
+ATTENTION_TYPES = ("vanilla", "vanilla-xformers")
 # The text towers a CompVis config can name, and the text config fields each one fixes (its sizes come from base).
 TEXT_ENCODERS = {
     "ldm.modules.encoders.modules.FrozenCLIPEmbedder": dict(hidden_act="quick_gelu", pad_token="<|endoftext|>"),
@@ -248,6 +251,15 @@ TEXT_ENCODERS = {
     "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": dict(hidden_act="gelu", pad_token="!"),
 }
 PARAMETERIZATIONS = {"eps": "epsilon", "v": "v_prediction"}
+
+# sgm's configs (SDXL): the UNet under network_config, what it predicts in the denoiser's scaling, and the text towers
+# and size/aesthetic embedders under conditioner_config, each embedder reading one input key.
+SGM_SCALINGS = {"sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling": "epsilon",
+                "sgm.modules.diffusionmodules.denoiser_scaling.VScaling": "v_prediction"}
+SGM_TEXT_ENCODERS = ("sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+                     "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2")
+SGM_CONDITIONING = {("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"): "size",
+                    ("original_size_as_tuple", "crop_coords_top_left", "aesthetic_score"): "aesthetic"}
 
 
 def _params(d, *path: str) -> dict:
@@ -266,43 +278,88 @@ def _take(params: dict, fields, neutral: dict, where: str) -> dict:
         if key in fields:
             out[key] = value
         elif key not in neutral:
-            raise ValueError(f"CompVis config: {where}.{key} is not supported by tritonsd's SD 1.x/2.x graph")
+            raise ValueError(f"CompVis config: {where}.{key} is not supported by tritonsd's graph")
         elif neutral[key] is not None and value != neutral[key]:
             raise ValueError(f"CompVis config: {where}.{key}: {value!r} is not supported (only {neutral[key]!r}); "
-                             "tritonsd runs SD 1.x and 2.x models")
+                             "tritonsd runs SD 1.x, 2.x and SDXL models")
     return out
 
 
-def config_from_compvis(d, base: ModelConfig | None = None) -> ModelConfig:
-    """ModelConfig from a parsed CompVis config (model.params.unet_config.params, first_stage_config.params.ddconfig,
-    cond_stage_config, scale_factor, parameterization). What it does not say (GroupNorm groups; the text encoder's
-    sizes, which it names only as a tower; the default image size: its image_size is the training crop, 64 even in
-    SD 2.x's 768-v config) comes from base: SD 1.x's values, or those a checkpoint's shapes imply."""
-    model = _params(d, "model", "params")
-    if "network_config" in model or "conditioner_config" in model:
-        raise ValueError("CompVis config describes an SDXL model (network_config, conditioner_config); "
-                         "tritonsd runs SD 1.x and 2.x models")
-    parameterization = model.get("parameterization", "eps")
-    if parameterization not in PARAMETERIZATIONS:
-        raise ValueError(f"CompVis config: parameterization {parameterization!r} is not supported "
-                         f"({', '.join(PARAMETERIZATIONS)})")
-    unet = _take(_params(d, "model", "params", "unet_config", "params"), UNET_FIELDS, UNET_NEUTRAL, "unet_config.params")
+def _vae(model: dict) -> dict:
+    first = _params(model, "first_stage_config", "params")
+    ddconfig = _params(first, "ddconfig")
+    if ddconfig.get("attn_type", "vanilla") not in ATTENTION_TYPES:
+        raise ValueError(f"CompVis config: first_stage_config.params.ddconfig.attn_type {ddconfig['attn_type']!r} is not "
+                         f"supported ({', '.join(ATTENTION_TYPES)})")
+    vae = _take(ddconfig, VAE_FIELDS, DDCONFIG_NEUTRAL, "first_stage_config.params.ddconfig")
+    if "embed_dim" in first:
+        vae["embed_dim"] = first["embed_dim"]
+    if "scale_factor" in model:
+        vae["scaling_factor"] = model["scale_factor"]
+    return vae
+
+
+def _unet(params: dict, where: str) -> dict:
+    unet = _take(params, UNET_FIELDS, UNET_NEUTRAL, where)
     # Heads are a count or a width; the one a config gives makes the other -1, as in the CompVis code's defaults.
     if unet.get("num_head_channels", -1) != -1:
         unet.setdefault("num_heads", -1)
     elif "num_heads" in unet:
         unet.setdefault("num_head_channels", -1)
-    first = _params(d, "model", "params", "first_stage_config", "params")
-    vae = _take(_params(first, "ddconfig"), VAE_FIELDS, DDCONFIG_NEUTRAL, "first_stage_config.params.ddconfig")
-    if "embed_dim" in first:
-        vae["embed_dim"] = first["embed_dim"]
-    if "scale_factor" in model:
-        vae["scaling_factor"] = model["scale_factor"]
+    return unet
+
+
+def _sgm(model: dict, base: ModelConfig) -> ModelConfig:
+    """An sgm config (SDXL base or refiner) over base, which gives the text towers' sizes: the conditioner must name
+    as many towers, at their penultimate layer, and the conditioning base's label_emb takes."""
+    unet = _unet(_params(model, "network_config", "params"), "network_config.params")
+    scaling = (_params(model, "denoiser_config", "params").get("scaling_config") or {}).get("target") \
+        if "denoiser_config" in model else "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling"
+    if scaling not in SGM_SCALINGS:
+        raise ValueError(f"CompVis config: denoiser scaling {scaling} is not supported ({', '.join(SGM_SCALINGS)})")
+    embedders = _params(model, "conditioner_config", "params").get("emb_models")
+    if not isinstance(embedders, list) or not all(isinstance(e, dict) for e in embedders):
+        raise ValueError("CompVis config: conditioner_config.params.emb_models is not a list of embedders")
+    towers = [e for e in embedders if e.get("input_key") == "txt"]
+    for tower in towers:
+        params = tower.get("params") or {}
+        penultimate = params.get("layer") == "penultimate" or (params.get("layer") == "hidden"
+                                                               and params.get("layer_idx") in (11, -2))
+        if tower.get("target") not in SGM_TEXT_ENCODERS or not penultimate:
+            raise ValueError(f"CompVis config: text embedder {tower.get('target')} at layer {params.get('layer')!r} "
+                             "is not supported (SDXL's CLIP and OpenCLIP towers at their penultimate layer)")
+    conditioning = SGM_CONDITIONING.get(tuple(e.get("input_key") for e in embedders if e.get("input_key") != "txt"))
+    if len(towers) != len(base.towers) or conditioning != base.conditioning:
+        raise ValueError(f"CompVis config: its conditioner ({len(towers)} text tower(s), conditioning {conditioning}) "
+                         f"does not describe this model ({len(base.towers)} text tower(s), conditioning "
+                         f"{base.conditioning})")
+    parts = base.to_dict()
+    parts["unet"].update(unet)
+    parts["vae"].update(_vae(model))
+    parts["prediction_type"] = SGM_SCALINGS[scaling]
+    return ModelConfig.from_dict(parts)
+
+
+def config_from_compvis(d, base: ModelConfig | None = None) -> ModelConfig:
+    """ModelConfig from a parsed CompVis config (model.params.unet_config.params, first_stage_config.params.ddconfig,
+    cond_stage_config, scale_factor, parameterization), or from an SDXL one of Stability's sgm code (network_config,
+    conditioner_config, denoiser_config). What it does not say (GroupNorm groups; the text encoder's sizes, which it
+    names only as a tower; the default image size: its image_size is the training crop, 64 even in SD 2.x's 768-v
+    config) comes from base: SD 1.x's values, or those a checkpoint's shapes imply."""
+    model = _params(d, "model", "params")
+    if "network_config" in model:
+        return _sgm(model, base or ModelConfig())
+    parameterization = model.get("parameterization", "eps")
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"CompVis config: parameterization {parameterization!r} is not supported "
+                         f"({', '.join(PARAMETERIZATIONS)})")
+    unet = _unet(_params(d, "model", "params", "unet_config", "params"), "unet_config.params")
+    vae = _vae(model)
     text = model.get("cond_stage_config", {})
     target = text.get("target") if isinstance(text, dict) else None
     if target is not None and target not in TEXT_ENCODERS:
         raise ValueError(f"CompVis config: text encoder {target} is not supported (CLIP ViT-L/14's "
-                         "FrozenCLIPEmbedder or OpenCLIP's FrozenOpenCLIPEmbedder); tritonsd runs SD 1.x and 2.x models")
+                         "FrozenCLIPEmbedder or OpenCLIP's FrozenOpenCLIPEmbedder)")
     layer = (text.get("params") or {}).get("layer", "penultimate") if target in TEXT_ENCODERS and "Open" in target else None
     if layer not in (None, "penultimate"):
         raise ValueError(f"CompVis config: the OpenCLIP text tower's layer {layer!r} is not supported (penultimate)")
