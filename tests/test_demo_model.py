@@ -6,7 +6,6 @@ the foreground's bounding box, overlaps it best."""
 import numpy as np
 import pytest
 
-from tritonsd import kernels
 from tritonsd.engine.pipeline import Pipeline
 from tritonsd.engine.samplers import SAMPLERS
 from tritonsd.loader import DEMO_MODEL
@@ -134,29 +133,6 @@ def test_img2img_keeps_the_input_at_low_strength_and_follows_a_new_prompt_at_hig
     acc = accuracy(high, [target] * len(high))
     print(f"img2img strength 0.9 toward {prompt!r}: {acc}")
     assert acc["foreground"] >= 0.75 and acc["background"] >= 0.75, f"strength 0.9 toward {prompt!r}: {acc}"
-
-
-def test_triton_path_draws_the_reference_picture(pipe, monkeypatch):
-    launches = dict.fromkeys(("attention", "group_norm", "guided_step"), 0)
-    for name in launches:
-        module = __import__(f"tritonsd.kernels.{name}", fromlist=[name])
-
-        def counted(*args, _name=name, _launcher=getattr(module, f"{name}_triton"), **kw):
-            launches[_name] += 1
-            return _launcher(*args, **kw)
-
-        monkeypatch.setattr(module, f"{name}_triton", counted)
-
-    def run():
-        return pipe.txt2img(PROMPTS[0], seed=0, steps=2, output_type="np")
-
-    with kernels.backend("torch"):
-        want = run()
-    with kernels.backend("triton"):
-        got = run()
-    assert all(launches.values()), f"kernels not reached on the Triton path: {launches}"
-    err = np.abs(got - want).max()
-    assert err <= 1e-3, f"Triton path differs from the reference path by {err:.2e} (max abs, pixels in [0, 1])"
 
 
 def red_share(images: np.ndarray) -> np.ndarray:
