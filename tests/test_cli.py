@@ -25,7 +25,7 @@ from tritonsd import kernels
 from tritonsd import loader
 from tritonsd.engine.pipeline import Pipeline
 from tritonsd.engine.tokenizer import CLIPTokenizer
-from tiny import TINY, random_state, write_single_file
+from tiny import TINY, TINY_SDXL, original_sdxl_checkpoint, random_state, write_single_file
 from tritonsd.cli import main
 from tritonsd.pngmeta import format_parameters, parse_parameters
 
@@ -717,3 +717,33 @@ def test_written_files_take_the_umask_mode(capsys, model, tmp_path):
         os.umask(old)
     modes = {p.name: f"{p.stat().st_mode & 0o777:o}" for p in tmp_path.iterdir()}
     assert modes == {"a.png": "640", "m.safetensors": "640"}, f"modes under umask 027: {modes}"
+
+
+def test_command_line_draws_sdxl_as_the_python_api_does(capsys, tmp_path):
+    """An SDXL file through txt2img (with size conditioning), img2img and batch: each image is the Python API's for
+    the same settings, and the PNG records what replays it."""
+    path = tmp_path / "xl.safetensors"
+    safetensors.torch.save_file(original_sdxl_checkpoint(random_state(TINY_SDXL, seed=2)), path)
+    path.with_suffix(".json").write_text(TINY_SDXL.to_json())
+    fast = ["--steps", "2", "--width", "32", "--height", "24", "--device", "cpu"]
+    pipe = Pipeline.from_checkpoint(path)
+
+    cli(capsys, "txt2img", "a red cube", "--model", path, "-o", tmp_path / "a.png", "--seed", "3",
+        "--original-size", "64x48", "--crop-top-left", "4,8", *fast)
+    want = pipe.txt2img("a red cube", steps=2, width=32, height=24, seed=3, original_size=(48, 64),  # (height, width)
+                        crops_coords_top_left=(4, 8))[0]
+    assert np.array_equal(pixels(tmp_path / "a.png"), np.asarray(want)), "txt2img differs from the API's image"
+    recorded = parse_parameters(parameters(tmp_path / "a.png"))
+    assert (recorded["model"], recorded["seed"], recorded["width"], recorded["height"]) == ("xl", 3, 32, 24), recorded
+
+    cli(capsys, "img2img", tmp_path / "a.png", "a blue cube", "--model", path, "-o", tmp_path / "b.png", "--seed", "5",
+        "--strength", "0.5", "--steps", "2", "--device", "cpu")
+    want = pipe.img2img(Image.open(tmp_path / "a.png"), "a blue cube", strength=0.5, steps=2, seed=5)[0]
+    assert np.array_equal(pixels(tmp_path / "b.png"), np.asarray(want)), "img2img differs from the API's image"
+
+    (tmp_path / "prompts.txt").write_text("a red cube\nblue sphere\n")
+    stdout, _ = cli(capsys, "batch", tmp_path / "prompts.txt", "--out", tmp_path / "batch", "--model", path, *fast)
+    written = [tmp_path / "batch" / f"0000{n}.png" for n in (1, 2)]
+    assert stdout.split() == [str(p) for p in written], stdout
+    want = pipe.txt2img("blue sphere", steps=2, width=32, height=24, seed=int(parse_parameters(parameters(written[1]))["seed"]))[0]
+    assert np.array_equal(pixels(written[1]), np.asarray(want)), "batch image differs from the API's image"
