@@ -275,7 +275,8 @@ class StepInputs:
         dev = pipe.device
         self.latents = torch.randn(batch, 4, lat, lat, device=dev)
         self.context = torch.randn(2 * batch, 77 * chunks, pipe.config.unet.context_dim, device=dev, dtype=pipe.dtype)
-        plan = make_plan("euler", STEPS, prediction_type=pipe.config.prediction_type)
+        plan = make_plan("euler", STEPS, prediction_type=pipe.config.prediction_type,
+                         timestep_spacing=pipe.config.timestep_spacing)
         self.row = plan.schedule()[10].to(dev, torch.float32)
         self.guidance = torch.full((1,), GUIDANCE, device=dev)
         self.x2 = torch.randn(2 * batch, 4, lat, lat, device=dev, dtype=pipe.dtype)

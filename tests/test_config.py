@@ -13,7 +13,7 @@ import safetensors.torch
 
 from tritonsd import loader
 from tritonsd.cli import main
-from tritonsd.engine.config import LIMITS, ModelConfig, PARTS
+from tritonsd.engine.config import FAMILIES, LIMITS, ModelConfig, PARTS
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.loader import CheckpointError
 from tiny import TINY, linked_copy, original_checkpoint, random_state
@@ -237,13 +237,25 @@ def test_fields_that_disagree_with_each_other(changes, message):
 @pytest.mark.parametrize("d, message", [
     ([TINY.to_dict()], "model config must be a dict of parts (unet, vae, text, text_2); got [{'conditioning': 'none', 'prediction_type': 'epsilon', 'text': {...}, 'text_2': None, ...}] (list)"),
     ({"unet": [32]}, "model config part 'unet' must be a dict of fields; got [32] (list)"),
-    ({"unet": {}, "lora": {}}, "unknown model config part(s) ['lora']; expected ['text', 'text_2', 'unet', 'vae'] and prediction_type, conditioning"),
+    ({"unet": {}, "lora": {}}, "unknown model config part(s) ['lora']; expected ['text', 'text_2', 'unet', 'vae'] and prediction_type, conditioning, timestep_spacing"),
     ({"vae": {"channels": 3, 7: 1}}, "unknown field(s) ['7', 'channels'] in model config part 'vae'"),
-], ids=["list", "part not a dict", "unknown part", "unknown fields"])
+    ({"timestep_spacing": "uniform"},
+     "timestep_spacing must be one of default, leading, linspace, trailing; got 'uniform' (str)"),
+], ids=["list", "part not a dict", "unknown part", "unknown fields", "timestep spacing"])
 def test_config_shape(d, message):
     with pytest.raises(ValueError) as e:
         ModelConfig.from_dict(d)
     assert str(e.value) == message
+
+
+def test_timestep_spacing_is_each_sampler_s_own_but_for_sdxl():
+    """SDXL's released scheduler config says "leading"; SD 1.x's and 2.x's name none. A config written before the field
+    existed keeps each sampler's own."""
+    assert {name: c.timestep_spacing for name, c in FAMILIES.items()} == {
+        "SD 1.x": "default", "SD 2.x": "default", "SDXL": "leading", "SDXL refiner": "leading"}
+    d = TINY.to_dict()
+    del d["timestep_spacing"]
+    assert ModelConfig.from_dict(d).timestep_spacing == "default"
 
 
 # --- a config must agree with the tensors ---------------------------------------------------------------------------

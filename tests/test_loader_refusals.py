@@ -120,7 +120,7 @@ def test_a_config_with_unknown_keys_is_still_an_error(tmp_path, tiny_state):
     with pytest.raises(CheckpointError) as e:
         loader.load(path)
     assert str(e.value) == (f"{path}: model.json beside it: unknown model config part(s) ['description']; "
-                            "expected ['text', 'text_2', 'unet', 'vae'] and prediction_type, conditioning")
+                            "expected ['text', 'text_2', 'unet', 'vae'] and prediction_type, conditioning, timestep_spacing")
 
 
 # --- a diffusers folder's tokenizer ---------------------------------------------------------------------------------

@@ -1,65 +1,43 @@
 """Sampler plans against diffusers' schedulers, run the way diffusers' SD pipelines run them, for noise-predicting
-(SD 1.x, SD 2.x 512) and v-predicting (SD 2.x 768) models."""
+(SD 1.x, SD 2.x 512, SDXL) and v-predicting (SD 2.x 768) models, with each scheduler's own timestep spacing and with
+each spacing a scheduler config can set (SDXL's: "leading")."""
 
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionImg2ImgPipeline,
-)
+from diffusers import StableDiffusionImg2ImgPipeline
 
-from tritonsd.engine.samplers import C_IN, COEFFICIENTS, SAMPLERS, TIMESTEP, a1111_fields, from_a1111, make_plan
+from tritonsd.engine.config import TIMESTEP_SPACINGS
+from tritonsd.engine.samplers import (
+    C_IN, COEFFICIENTS, SAMPLERS, SPACINGS, TIMESTEP, a1111_fields, from_a1111, make_plan,
+)
 from tritonsd.kernels.guided_step import StepCoefficients
+from tiny import diffusers_scheduler
 
 # diffusers' schedulers call np.array on tensors, which numpy 2 flags; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-SD15_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
-    "set_alpha_to_one": False,
-    "clip_sample": False,
-    "skip_prk_steps": True,
-    "trained_betas": None,
-}
-
-DIFFUSERS_SCHEDULERS = {
-    "ddpm": (DDPMScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-}
-
 STEPS = (1, 2, 5, 10, 20, 30, 50)
 # A v-prediction plan is an epsilon plan with its rows re-expressed step by step; fewer step counts cover it.
 V_STEPS = (1, 2, 5, 30)
-PREDICTIONS = [("epsilon", steps) for steps in STEPS] + [("v_prediction", steps) for steps in V_STEPS]
+GUIDANCE = (None, 7.5)
+# Each spacing set in the scheduler config (as SDXL's sets "leading"), at step counts whose strides round differently
+# (1000/3, 1000/7); guidance changes nothing in the schedule, so one scale covers them.
+SPACED_STEPS = (1, 3, 7, 30)
+# (prediction type, steps, timestep_spacing, guidance)
+CASES = ([("epsilon", steps, "default", g) for steps in STEPS for g in GUIDANCE]
+         + [("v_prediction", steps, "default", g) for steps in V_STEPS for g in GUIDANCE]
+         + [("epsilon", steps, spacing, 7.5) for spacing in SPACINGS for steps in SPACED_STEPS])
 # (workflow, strength): txt2img is strength 1; img2img at 1 still noises the image to the first timestep.
 RUNS = (("txt2img", 1.0), ("img2img", 1.0), ("img2img", 0.8), ("img2img", 0.3))
-GUIDANCE = (None, 7.5)
 SHAPE = (2, 4, 9, 7)
 SEED = 1234
 # diffusers keeps its schedule in float32 and does the Euler and DPM++ updates on a float32 copy of the latent
 # (DDPM/DDIM coefficients are float32 scalar arithmetic), so agreement is at float32 level, not float64's.
 TOL = 5e-6
 C_IN_TOL = 5e-7
-
-
-def diffusers_scheduler(sampler, prediction_type="epsilon"):
-    cls, extra = DIFFUSERS_SCHEDULERS[sampler]
-    return cls.from_config({**SD15_SCHEDULER_CONFIG, **extra, "prediction_type": prediction_type})
 
 
 def fake_unet(x, t, phase):
@@ -83,9 +61,9 @@ def start_latents(workflow, generator, init_scale, add_noise):
     return add_noise(x0, noise)
 
 
-def run_diffusers(sampler, steps, workflow, strength, guidance, prediction_type):
+def run_diffusers(sampler, steps, workflow, strength, guidance, prediction_type, spacing):
     """The denoising loop of diffusers' StableDiffusion(Img2Img)Pipeline, with its own helpers."""
-    scheduler = diffusers_scheduler(sampler, prediction_type)
+    scheduler = diffusers_scheduler(sampler, prediction_type, spacing)
     pipe = SimpleNamespace(scheduler=scheduler)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
@@ -143,18 +121,18 @@ def run_plan(plan, workflow, guidance):
     return x, generator
 
 
-@pytest.mark.parametrize("guidance", GUIDANCE, ids=lambda g: f"cfg{g}")
 @pytest.mark.parametrize("workflow,strength", RUNS, ids=[f"{w}-{s}" for w, s in RUNS])
-@pytest.mark.parametrize("prediction_type,steps", PREDICTIONS, ids=[f"{p}-{n}" for p, n in PREDICTIONS])
+@pytest.mark.parametrize("prediction_type,steps,spacing,guidance", CASES,
+                         ids=[f"{p}-{n}-{s}-cfg{g}" for p, n, s, g in CASES])
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_matches_diffusers(sampler, prediction_type, steps, workflow, strength, guidance):
+def test_matches_diffusers(sampler, prediction_type, steps, spacing, guidance, workflow, strength):
     ref, ref_timesteps, ref_c_in, ref_generator = run_diffusers(sampler, steps, workflow, strength, guidance,
-                                                                prediction_type)
+                                                                prediction_type, spacing)
     if not ref_timesteps:
         with pytest.raises(ValueError, match="leaves no denoising step"):
-            make_plan(sampler, steps, strength, prediction_type)
+            make_plan(sampler, steps, strength, prediction_type, timestep_spacing=spacing)
         return
-    plan = make_plan(sampler, steps, strength, prediction_type)
+    plan = make_plan(sampler, steps, strength, prediction_type, timestep_spacing=spacing)
     assert plan.timesteps.tolist() == ref_timesteps, f"timesteps {plan.timesteps.tolist()} != {ref_timesteps}"
     c_in_err = max(abs(a - b) / b for a, b in zip(plan.c_in.tolist(), ref_c_in))
     assert c_in_err <= C_IN_TOL, f"c_in rel err {c_in_err:.2e} > {C_IN_TOL:.0e}"
@@ -164,18 +142,23 @@ def test_matches_diffusers(sampler, prediction_type, steps, workflow, strength, 
     )
     err = ((out - ref).abs().max() / ref.abs().max()).item()
     assert err <= TOL, (
-        f"final latents max rel err {err:.2e} > {TOL:.0e} ({sampler}, {prediction_type}, {steps} steps, {workflow})"
+        f"final latents max rel err {err:.2e} > {TOL:.0e} ({sampler}, {prediction_type}, {steps} steps, {spacing}, "
+        f"{workflow})"
     )
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+# 61 and 103: where diffusers' trailing timesteps gain an extra step at t = -1 (test below).
+WELL_FORMED = [("v_prediction", "default")] + [("epsilon", spacing) for spacing in TIMESTEP_SPACINGS]
+
+
+@pytest.mark.parametrize("prediction_type,spacing", WELL_FORMED, ids=[f"{p}-{s}" for p, s in WELL_FORMED])
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_plan_is_finite_and_well_formed(sampler, prediction_type):
-    for steps in (*range(1, 61), 75, 100, 150, 250, 500, 999):
+def test_plan_is_finite_and_well_formed(sampler, prediction_type, spacing):
+    for steps in (*range(1, 62), 75, 100, 103, 150, 250, 500, 999):
         for strength in (1.0, 0.75, 0.5, 0.1):
-            if int(steps * strength) == 0:
-                continue
-            plan = make_plan(sampler, steps, strength, prediction_type)
+            if int(steps * strength) == 0 or (sampler, spacing, steps) == ("dpmpp_2m", "leading", 999):
+                continue  # the second: refused (test_bad_input)
+            plan = make_plan(sampler, steps, strength, prediction_type, timestep_spacing=spacing)
             n = int(steps * strength)
             assert plan.coef.shape == (n, len(StepCoefficients._fields)) and plan.coef.dtype == torch.float64, (
                 f"coef {plan.coef.shape}")
@@ -184,6 +167,17 @@ def test_plan_is_finite_and_well_formed(sampler, prediction_type):
             for name, value in (("coef", plan.coef), ("c_in", plan.c_in), ("timesteps", plan.timesteps)):
                 assert torch.isfinite(value).all(), f"{name} not finite for {steps} steps at strength {strength}"
             assert all(map(math.isfinite, (plan.init_scale, *plan.add_noise))), "init_scale/add_noise not finite"
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
+def test_trailing_spacing_keeps_the_steps_asked_for(sampler):
+    """At 61 steps diffusers' trailing timesteps (np.arange over a stride of 1000/61) gain a 62nd, at t = -1, past
+    the training schedule; the plan runs the 61 asked for, diffusers' first 61."""
+    scheduler = diffusers_scheduler(sampler, timestep_spacing="trailing")
+    scheduler.set_timesteps(61)
+    theirs = scheduler.timesteps.tolist()
+    assert len(theirs) == 62 and theirs[-1] == -1, f"diffusers' trailing timesteps end {theirs[-3:]}"
+    assert make_plan(sampler, 61, timestep_spacing="trailing").timesteps.tolist() == theirs[:61]
 
 
 @pytest.mark.parametrize(
@@ -200,6 +194,11 @@ def test_plan_is_finite_and_well_formed(sampler, prediction_type):
         (("dpmpp_2m", 20, 0.04), "strength 0.04 with 20 steps leaves no denoising step"),
         (("euler", 20, 1.0, "v"), "unknown prediction_type 'v'; valid: epsilon, v_prediction"),
         (("euler", 20, 1.0, "sample"), "unknown prediction_type 'sample'"),
+        (("euler", 20, 1.0, "epsilon", None, None, "uniform"),
+         "unknown timestep_spacing 'uniform'; valid: default, leading, linspace, trailing"),
+        (("dpmpp_2m", 999, 1.0, "epsilon", None, None, "leading"),
+         r"DPM\+\+ 2M with leading timestep spacing at 999 steps starts at timestep 1000, past the last training "
+         r"timestep \(999\)"),
     ],
 )
 def test_bad_input(args, message):

@@ -5,6 +5,7 @@ on both towers, and what is refused. The engine's models are built straight from
 comes from the original single file through diffusers' own single-file conversion (tests/tiny.py)."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -21,8 +22,8 @@ from tritonsd.engine.settings import SettingError, Settings
 from tritonsd.engine.tokenizer import CLIPTokenizer
 from tritonsd.loader.formats import CheckpointError
 from tiny import (
-    TINY, TINY_SDXL, TINY_SDXL_REFINER, diffusers_scheduler, diffusers_sdxl_parts, original_sdxl_checkpoint, psnr,
-    random_state, rel_err,
+    SD15_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG, TINY, TINY_SDXL, TINY_SDXL_REFINER, diffusers_scheduler,
+    diffusers_sdxl_parts, original_sdxl_checkpoint, psnr, random_state, rel_err,
 )
 
 diffusers = pytest.importorskip("diffusers")
@@ -53,10 +54,11 @@ def sdxl(tmp_path_factory):
     return get
 
 
-def diffusers_pipeline(parts, kind: str, sampler: str, img2img: bool):
+def diffusers_pipeline(parts, kind: str, sampler: str, img2img: bool, scheduler_config: dict = SDXL_SCHEDULER_CONFIG):
     """diffusers' SDXL pipeline as the released models' model_index.json configure it: the base zeros an empty
-    negative prompt, the refiner (aesthetic score) does not."""
-    scheduler = diffusers_scheduler(sampler)
+    negative prompt, the refiner (aesthetic score) does not; each sampler's scheduler from the released scheduler
+    config ("leading" timestep spacing, as the engine's SDXL configs)."""
+    scheduler = diffusers_scheduler(sampler, config=scheduler_config)
     if kind == "refiner":
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**parts, scheduler=scheduler, add_watermarker=False,
                                                           requires_aesthetics_score=True,
@@ -226,6 +228,22 @@ def test_txt2img_matches_diffusers(sdxl, sampler, guidance, prompts, negatives, 
     assert got.shape == want.shape, f"image batch shape {got.shape} != diffusers' {want.shape}"
     value = psnr(got, want)
     assert value >= 40.0, f"{sampler} cfg={guidance} batch={batch} {sizes}: PSNR {value:.1f} dB against diffusers"
+
+
+def test_sdxl_spacing_is_what_tells_the_images_apart(sdxl):
+    """The same model with each sampler's own spacing ("default", as SD 1.5's scheduler config gives) matches diffusers
+    on SD 1.5's scheduler config and draws a clearly different image than with SDXL's "leading"."""
+    ours, theirs = sdxl("base")
+    default = engine(dataclasses.replace(TINY_SDXL, timestep_spacing="default"), random_state(TINY_SDXL, seed=0))
+    args = dict(num_inference_steps=4, guidance_scale=7.5, height=32, width=32, output_type="np")
+    images = {}
+    for name, config in (("leading", SDXL_SCHEDULER_CONFIG), ("default", SD15_SCHEDULER_CONFIG)):
+        pipe = diffusers_pipeline(theirs, "base", "euler", img2img=False, scheduler_config=config)
+        images[name] = pipe("a red circle", generator=torch.Generator().manual_seed(7), **args).images
+    got = default.txt2img("a red circle", steps=4, seed=7, width=32, height=32, output_type="np")
+    assert psnr(got, images["default"]) >= 40.0, f"default spacing: PSNR {psnr(got, images['default']):.1f} dB"
+    assert psnr(images["leading"], images["default"]) < 25.0, (
+        f"leading and default spacing give images {psnr(images['leading'], images['default']):.1f} dB apart")
 
 
 def test_size_conditioning_changes_the_image(sdxl):

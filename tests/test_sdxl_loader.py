@@ -94,6 +94,37 @@ def test_diffusers_folder_maps_onto_engine_exactly_with_its_config(xl):
     assert info["architecture"] == ("SDXL" if kind == "base" else "SDXL refiner") and info["problem"] is None
 
 
+@pytest.mark.parametrize("scheduler, spacing", [
+    ({"timestep_spacing": "trailing"}, "trailing"),
+    ({}, "default"),  # SD 1.x's and 2.x's configs name none: each sampler's own
+    (None, "leading"),  # no scheduler config: the family's, SDXL's released one
+], ids=["trailing", "unnamed", "no-scheduler"])
+def test_diffusers_folder_s_scheduler_config_sets_the_timestep_spacing(xl, tmp_path, scheduler, spacing):
+    kind, config, _, _, folder = xl
+    file = folder / "scheduler" / "scheduler_config.json"
+    assert json.loads(file.read_text())["timestep_spacing"] == config.timestep_spacing == "leading"
+    written = {k: v for k, v in json.loads(file.read_text()).items() if k != "timestep_spacing"}
+    copy = linked_copy(folder, tmp_path / kind, {} if scheduler is None else
+                       {"scheduler/scheduler_config.json": json.dumps({**written, **scheduler})})
+    if scheduler is None:
+        (copy / "scheduler" / "scheduler_config.json").unlink()
+        (copy / "scheduler").rmdir()
+    model, _ = loader.load(copy)
+    assert model.config.timestep_spacing == spacing
+
+
+@pytest.mark.parametrize("value", ["uniform", "default", 1])
+def test_unknown_timestep_spacing_is_refused(xl, tmp_path, value):
+    kind, _, _, _, folder = xl
+    written = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    copy = linked_copy(folder, tmp_path / kind, {"scheduler/scheduler_config.json": json.dumps(
+        {**written, "timestep_spacing": value})})
+    with pytest.raises(CheckpointError) as e:
+        loader.load(copy)
+    assert str(e.value) == (f"{copy}: scheduler/scheduler_config.json: timestep_spacing must be one of leading, "
+                            f"linspace, trailing; got {value!r}")
+
+
 def test_single_file_with_its_config_beside_loads(xl, tmp_path):
     kind, config, state, single, _ = xl
     path = tmp_path / single.name

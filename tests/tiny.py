@@ -54,6 +54,7 @@ TINY_SDXL = ModelConfig.from_dict({
     "text": {**_TINY_TEXT, "num_hidden_layers": 3, "hidden_layer": "penultimate"},
     "text_2": _TINY_BIG_G,
     "conditioning": "size",
+    "timestep_spacing": "leading",
 })
 # The refiner's: four levels, attention at the middle two, bigG alone, five conditioning numbers (aesthetic score).
 TINY_SDXL_REFINER = ModelConfig.from_dict({
@@ -63,9 +64,10 @@ TINY_SDXL_REFINER = ModelConfig.from_dict({
     "vae": TINY_SDXL.to_dict()["vae"],
     "text": _TINY_BIG_G,
     "conditioning": "aesthetic",
+    "timestep_spacing": "leading",
 })
-# The diffusers scheduler of each sampler, built from SD 1.5's scheduler config (SD 2.x's and the parity tests' SDXL
-# runs use the same, with the model's prediction type).
+# The diffusers scheduler of each sampler, built from SD 1.5's scheduler config (SD 2.x's is the same, with the model's
+# prediction type; SDXL's adds "leading" timestep spacing).
 SCHEDULERS = {
     "ddpm": ("DDPMScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
@@ -78,14 +80,23 @@ SD15_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False, "skip_prk_steps": True, "trained_betas": None,
 }
+# Stability's scheduler/scheduler_config.json for SDXL 1.0, base and refiner alike (EulerDiscreteScheduler's): SD 1.5's
+# schedule with "leading" timestep spacing, which from_config carries to every scheduler.
+SDXL_SCHEDULER_CONFIG = {
+    **SD15_SCHEDULER_CONFIG, "interpolation_type": "linear", "prediction_type": "epsilon", "sample_max_value": 1.0,
+    "timestep_spacing": "leading", "use_karras_sigmas": False,
+}
 
 
-def diffusers_scheduler(sampler: str, prediction_type: str = "epsilon"):
-    """diffusers' scheduler for one of our samplers, from SD 1.5's scheduler config."""
+def diffusers_scheduler(sampler: str, prediction_type: str = "epsilon", timestep_spacing: str = "default",
+                        config: dict = SD15_SCHEDULER_CONFIG):
+    """diffusers' scheduler for one of our samplers, from a scheduler config (SD 1.5's, which names no spacing), with
+    the model's prediction type and, unless "default", timestep_spacing set."""
     import diffusers
 
     cls_name, extra = SCHEDULERS[sampler]
-    return getattr(diffusers, cls_name).from_config({**SD15_SCHEDULER_CONFIG, **extra, "prediction_type": prediction_type})
+    spacing = {} if timestep_spacing == "default" else {"timestep_spacing": timestep_spacing}
+    return getattr(diffusers, cls_name).from_config({**config, **extra, "prediction_type": prediction_type, **spacing})
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -438,10 +449,10 @@ def write_diffusers_folder(path, checkpoint: dict, config: ModelConfig, weights:
 
 
 def scheduler_config(config: ModelConfig, cls: str = "DDIMScheduler") -> dict:
-    """SD 1.x's and 2.x's scheduler config (diffusers' scheduler_config.json) for the model's prediction type."""
-    return {"_class_name": cls, "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-            "beta_schedule": "scaled_linear", "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False,
-            "skip_prk_steps": True, "trained_betas": None, "prediction_type": config.prediction_type}
+    """SD's scheduler config (diffusers' scheduler_config.json) for the model's prediction type and timestep spacing
+    (SD 1.x's and 2.x's name none)."""
+    spacing = {} if config.timestep_spacing == "default" else {"timestep_spacing": config.timestep_spacing}
+    return {"_class_name": cls, **SD15_SCHEDULER_CONFIG, "prediction_type": config.prediction_type, **spacing}
 
 
 def linked_copy(folder: Path, dest: Path, replace: dict[str, str]) -> Path:

@@ -466,7 +466,7 @@ def _generate(args, settings: Settings, image=None) -> None:
     start = time.perf_counter()
     images = model.pipe.generate(settings, image, progress=_progress(args))
     seconds = time.perf_counter() - start
-    steps = len(settings.plan.timesteps)
+    steps = len(settings.plan(model.pipe.config).timesteps)
     for i, (picture, out) in enumerate(zip(images, paths)):
         parameters = format_parameters(
             args.prompt, args.negative_prompt, steps=settings.steps, sampler=settings.sampler,
@@ -521,13 +521,13 @@ def _batch(args) -> None:
         except ValueError as e:
             raise ValueError(f"{args.prompts} line {n}: {e}") from None
     settings = _settings(args, prompts[0][1], width=args.width, height=args.height)
-    steps = len(settings.plan.timesteps)
     last = prompts[-1][0]
     if settings.seed + last >= SEED_LIMIT:
         raise SettingError("seed", f"{settings.seed} plus the last line's number, {last}, passes 2**64 - 1")
     out = check_output_folder(args.out)
     model = _Model(args, device)
     model.pipe.check(settings)
+    steps = len(settings.plan(model.pipe.config).timesteps)
     if args.verbose:
         model.describe_embeddings()
     out.mkdir(parents=True, exist_ok=True)

@@ -110,10 +110,15 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 CONDITIONING = {"none": 0, "size": 6, "aesthetic": 5}
 SIZE_EMBEDDING_DIM = 256
 
+# How a run's timesteps are spread over the 1000 training steps: diffusers' timestep_spacing values, or "default",
+# each sampler's own (SD 1.x's and 2.x's scheduler configs name none; SDXL's says "leading").
+TIMESTEP_SPACINGS = ("default", "leading", "linspace", "trailing")
+
 # text_2 is optional (SDXL base's second tower); the other parts every model has.
 PARTS = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig, "text_2": TextConfig}
 # The config's fields that are one choice each, not a part.
-SETTINGS = {"prediction_type": PREDICTION_TYPES, "conditioning": tuple(CONDITIONING)}
+SETTINGS = {"prediction_type": PREDICTION_TYPES, "conditioning": tuple(CONDITIONING),
+            "timestep_spacing": TIMESTEP_SPACINGS}
 
 
 @dataclass(frozen=True)
@@ -268,6 +273,7 @@ class ModelConfig:
     text_2: TextConfig | None = None
     prediction_type: str = "epsilon"
     conditioning: str = "none"
+    timestep_spacing: str = "default"
 
     def __post_init__(self):
         self.validate()
@@ -412,6 +418,8 @@ SDXL = ModelConfig(
     text=TextConfig(hidden_layer="penultimate"),
     text_2=_BIG_G,
     conditioning="size",
+    # Stability's scheduler config for both SDXL models (diffusers' from_config carries it to every scheduler).
+    timestep_spacing="leading",
 )
 SDXL_REFINER = ModelConfig(
     unet=UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2), num_heads=-1,
@@ -420,6 +428,7 @@ SDXL_REFINER = ModelConfig(
     vae=_SDXL_VAE,
     text=_BIG_G,
     conditioning="aesthetic",
+    timestep_spacing="leading",
 )
 
 # Every family the engine runs, by the name ModelConfig.family gives it: the default config of each.

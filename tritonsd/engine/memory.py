@@ -65,7 +65,8 @@ def estimate(config: ModelConfig, device: torch.device, dtype: torch.dtype, sett
     )
     rows = len(settings.prompts) * (2 if settings.guided else 1)
     tokens = config.text.max_position_embeddings
-    noisy_steps = len(settings.plan.noise_steps) if any(settings.plan.noise_steps) else 0
+    noise_steps = settings.plan(config).noise_steps
+    noisy_steps = len(noise_steps) if any(noise_steps) else 0
 
     latents = 4 * 12 * b * latent
     context = a * b * tokens * u.context_dim + 4 * b * u.adm_in_channels

@@ -19,7 +19,7 @@ from tritonsd.engine.graphs import GraphCache
 from tritonsd.engine.lora import CheckpointBase, CopiedBase, LoraSet, extract_lora_tags, find_lora
 from tritonsd.engine.model import StableDiffusion
 from tritonsd.engine.prompts import PromptTokenizer, encode_chunks
-from tritonsd.engine.samplers import C_IN, COEFFICIENTS, TIMESTEP, SamplerPlan, with_prediction_type
+from tritonsd.engine.samplers import C_IN, COEFFICIENTS, TIMESTEP, SamplerPlan
 from tritonsd.engine.settings import (
     MAX_IMAGE_SIDE, Settings, SettingError, check_config, check_device, check_dtype, check_path, prompt_lists,
     read_image,
@@ -278,12 +278,14 @@ class Pipeline:
 
     def check(self, settings: Settings, image=None) -> None:
         """Raise what `generate(settings, image)` would refuse before starting: an image without a strength or the
-        reverse, an unreadable or oversized image, or a memory estimate that does not fit."""
+        reverse, an unreadable or oversized image, a cut that leaves this model's schedule no step, or a memory
+        estimate that does not fit."""
         self._prepare(settings, image)
 
     def _prepare(self, settings: Settings, image) -> tuple[Image.Image | torch.Tensor | None, int, int]:
         """(img2img's picture, or latents, or None; width, height) of a run that has passed `check`."""
         settings.check_conditioning(self.config.conditioning, self.config.family)
+        settings.plan(self.config)
         picture = None
         if settings.strength is None:
             if image is not None:
@@ -322,7 +324,7 @@ class Pipeline:
         """Run `settings`: txt2img, or img2img of `image` when settings.strength is set. What `check` refuses is
         refused before any work; a stage that gives NaN or Inf raises NonFiniteError naming it."""
         picture, width, height = self._prepare(settings, image)
-        plan = with_prediction_type(settings.plan, self.config.prediction_type)
+        plan = settings.plan(self.config)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
         negatives = list(settings.negative_prompts)
         prompts, loras = self._prompt_loras(list(settings.prompts), negatives)

@@ -6,9 +6,10 @@ out up front on the host in float64 as per-step coefficients (StepCoefficients a
     extra_next = d*x + e*eps
 
 and the GPU loop is one fused step per UNet call with no host-device sync. Each sampler reproduces the
-diffusers scheduler built from SD 1.x's scheduler config (scaled_linear betas, steps_offset=1,
-set_alpha_to_one=False; SD 2.x's is the same) with that scheduler's defaults, and img2img truncation follows
-diffusers' StableDiffusionImg2ImgPipeline.get_timesteps. SDXL's denoising_start and denoising_end cut a run at a
+diffusers scheduler built from SD's scheduler config (scaled_linear betas, steps_offset=1, set_alpha_to_one=False;
+SD 1.x's, 2.x's and SDXL's are the same but for timestep_spacing, which SDXL's sets to "leading" and the others leave
+to each scheduler's own default), and img2img truncation follows diffusers'
+StableDiffusionImg2ImgPipeline.get_timesteps. SDXL's denoising_start and denoising_end cut a run at a
 fraction of the training schedule as diffusers' SDXL pipelines do: a plan is a list of steps, so a cut is a slice of
 the whole run's rows, and the two sides of one cut fit together into the whole run (but for DPM++ 2M, whose second
 side starts with a first-order step, as diffusers' does: nothing carries the previous prediction across).
@@ -21,6 +22,7 @@ eps into a step's rows makes them rows in x and v, and the fused step runs uncha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,10 +30,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tritonsd.engine.config import PREDICTION_TYPES
+from tritonsd.engine.config import PREDICTION_TYPES, TIMESTEP_SPACINGS
 from tritonsd.kernels.guided_step import StepCoefficients
 
 NUM_TRAIN_TIMESTEPS = 1000
+# SD's scheduler configs shift "leading" timesteps one up, so that the last step is at t = 1, not 0.
+STEPS_OFFSET = 1
 
 # Columns of SamplerPlan.schedule(), a step's row as the sampling loop reads it on the device.
 TIMESTEP, C_IN = 0, 1
@@ -87,16 +91,31 @@ def _plan(timesteps, coef: StepCoefficients, *, alpha_cumprod, c_in=None, noise_
     )
 
 
-def _leading_timesteps(steps: int) -> np.ndarray:
-    return np.arange(steps)[::-1] * (NUM_TRAIN_TIMESTEPS // steps) + 1
+def _leading(steps: int) -> np.ndarray:
+    return np.arange(steps)[::-1] * (NUM_TRAIN_TIMESTEPS // steps) + STEPS_OFFSET
+
+
+def _linspace(steps: int) -> np.ndarray:
+    return np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, steps)[::-1]
+
+
+def _trailing(steps: int) -> np.ndarray:
+    # diffusers takes np.arange over a fractional stride, which for some counts (61, 103, ...) gains a point just
+    # above 0 and so an extra step at t = -1; the plan keeps the steps asked for.
+    return np.arange(NUM_TRAIN_TIMESTEPS, 0, -NUM_TRAIN_TIMESTEPS / steps)[:steps].round() - 1
+
+
+# The timesteps of a run of n steps, from noise to image, by diffusers' timestep_spacing, as its DDPM, DDIM and Euler
+# schedulers place them: "linspace" alone gives fractions, which Euler keeps and the others round.
+SPACINGS = {"leading": _leading, "linspace": _linspace, "trailing": _trailing}
 
 
 def _vp_add_noise(alpha_cumprod: float) -> tuple[float, float]:
     return math.sqrt(alpha_cumprod), math.sqrt(1 - alpha_cumprod)
 
 
-def _ddpm(steps: int, start: int) -> SamplerPlan:
-    full = _leading_timesteps(steps)
+def _ddpm(steps: int, start: int, spacing: str) -> SamplerPlan:
+    full = SPACINGS[spacing](steps).round().astype(np.int64)
     ts = full[start:]
     a_t = ALPHAS_CUMPROD[ts].astype(np.float64)
     # The step after the last one is t = -1, where alphas_cumprod is taken as 1.
@@ -118,9 +137,10 @@ def _ddpm(steps: int, start: int) -> SamplerPlan:
     return _plan(ts, coef, alpha_cumprod=a_t, noise_steps=noise_steps, add_noise=_vp_add_noise(a_t[0]))
 
 
-def _ddim(steps: int, start: int) -> SamplerPlan:
-    ts = _leading_timesteps(steps)[start:]
+def _ddim(steps: int, start: int, spacing: str) -> SamplerPlan:
+    ts = SPACINGS[spacing](steps).round().astype(np.int64)[start:]
     a_t = ALPHAS_CUMPROD[ts].astype(np.float64)
+    # diffusers' DDIM steps back by the leading stride whatever the spacing, not to the next timestep of the run.
     prev = ts - NUM_TRAIN_TIMESTEPS // steps
     # set_alpha_to_one=False: the last step lands on alphas_cumprod[0], not on a clean 1.
     a_prev = ALPHAS_CUMPROD[np.maximum(prev, 0)].astype(np.float64)
@@ -136,9 +156,11 @@ def _interp_sigmas(timesteps: np.ndarray) -> np.ndarray:
     return np.append(sigmas, 0.0).astype(np.float32).astype(np.float64)
 
 
-def _euler(steps: int, start: int, ancestral: bool) -> SamplerPlan:
-    full = np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, steps, dtype=np.float32)[::-1]
+def _euler(steps: int, start: int, spacing: str, ancestral: bool) -> SamplerPlan:
+    full = SPACINGS[spacing](steps).astype(np.float32)
     sigmas = _interp_sigmas(full)
+    # diffusers' init_noise_sigma: the largest sigma, but sqrt(sigma^2 + 1) under leading spacing.
+    init_scale = sigmas.max() if spacing != "leading" else math.sqrt(sigmas.max() ** 2 + 1)
     sigma, sigma_next = sigmas[start:-1], sigmas[start + 1 :]
     if ancestral:
         sigma_up = np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
@@ -152,7 +174,7 @@ def _euler(steps: int, start: int, ancestral: bool) -> SamplerPlan:
         alpha_cumprod=1 / (sigma**2 + 1),
         c_in=1 / np.sqrt(sigma**2 + 1),
         noise_steps=np.full(len(sigma), ancestral),
-        init_scale=sigmas.max(),
+        init_scale=init_scale,
         add_noise=(1.0, sigma[0]),
     )
 
@@ -172,11 +194,18 @@ def _karras(steps: int) -> tuple[np.ndarray, np.ndarray]:
     return timesteps, np.append(sigmas, 0.0).astype(np.float32).astype(np.float64)
 
 
-def _dpmpp_2m(steps: int, start: int, karras: bool) -> SamplerPlan:
+def _dpmpp_2m(steps: int, start: int, spacing: str, karras: bool) -> SamplerPlan:
     if karras:
+        # Karras sigmas span the training sigmas by their own rule, whatever the spacing (diffusers' too).
         full, sigmas = _karras(steps)
     else:
-        full = np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+        # diffusers' DPM-Solver spaces steps + 1 points, the last one the end of sampling, under leading and
+        # linspace spacing; its trailing points already stop short of 0.
+        full = SPACINGS[spacing](steps) if spacing == "trailing" else SPACINGS[spacing](steps + 1)[:-1]
+        full = full.round().astype(np.int64)
+        if full[0] >= NUM_TRAIN_TIMESTEPS:  # leading at 999 steps: two steps at one sigma (diffusers' gives NaN)
+            raise ValueError(f"DPM++ 2M with {spacing} timestep spacing at {steps} steps starts at timestep {full[0]}, "
+                             f"past the last training timestep ({NUM_TRAIN_TIMESTEPS - 1}); take fewer steps")
         sigmas = _interp_sigmas(full)
     # sigmas are k-diffusion's; the solver works in VP terms alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma*alpha,
     # whose log-SNR is lambda = -log(sigma).
@@ -213,19 +242,20 @@ def _dpmpp_2m(steps: int, start: int, karras: bool) -> SamplerPlan:
 
 @dataclass(frozen=True)
 class Sampler:
-    build: Callable[[int, int], SamplerPlan]  # (steps, first step kept) -> plan
+    build: Callable[[int, int, str], SamplerPlan]  # (steps, first step kept, a key of SPACINGS) -> plan
     a1111_name: str  # the name AUTOMATIC1111's web UI shows and writes in a PNG's parameters
     a1111_schedule: str = "Uniform"  # its "Schedule type" (web UI 1.9+): how the steps are spaced
+    spacing: str = "linspace"  # the diffusers scheduler's own timestep_spacing, taken for "default"
 
 
 # Every sampler, by id: the one table the API, the command line and the PNG parameters take names from.
 SAMPLERS = {
-    "ddpm": Sampler(_ddpm, "DDPM"),
-    "ddim": Sampler(_ddim, "DDIM"),
-    "euler": Sampler(lambda steps, start: _euler(steps, start, ancestral=False), "Euler"),
-    "euler_a": Sampler(lambda steps, start: _euler(steps, start, ancestral=True), "Euler a"),
-    "dpmpp_2m": Sampler(lambda steps, start: _dpmpp_2m(steps, start, karras=False), "DPM++ 2M"),
-    "dpmpp_2m_karras": Sampler(lambda steps, start: _dpmpp_2m(steps, start, karras=True), "DPM++ 2M", "Karras"),
+    "ddpm": Sampler(_ddpm, "DDPM", spacing="leading"),
+    "ddim": Sampler(_ddim, "DDIM", spacing="leading"),
+    "euler": Sampler(functools.partial(_euler, ancestral=False), "Euler"),
+    "euler_a": Sampler(functools.partial(_euler, ancestral=True), "Euler a"),
+    "dpmpp_2m": Sampler(functools.partial(_dpmpp_2m, karras=False), "DPM++ 2M"),
+    "dpmpp_2m_karras": Sampler(functools.partial(_dpmpp_2m, karras=True), "DPM++ 2M", "Karras"),
 }
 
 # Since 1.9 the web UI writes "Schedule type" beside the sampler, and an "Automatic" one means the sampler's own
@@ -274,13 +304,10 @@ def _cutoff(fraction: float) -> int:
     return int(round(NUM_TRAIN_TIMESTEPS - fraction * NUM_TRAIN_TIMESTEPS))
 
 
-def make_plan(sampler: str, steps: int, strength: float = 1.0, prediction_type: str = "epsilon",
-              denoising_start: float | None = None, denoising_end: float | None = None) -> SamplerPlan:
-    """The whole run of `sampler` over `steps` steps; strength < 1 keeps only the last steps (img2img).
-    denoising_start (img2img, in place of strength) keeps the steps whose timestep is below that fraction of the
-    training schedule, denoising_end the steps at or above its own: a run cut with denoising_end=f and one cut with
-    denoising_start=f are the two halves of one run (SDXL's base and refiner, "ensemble of experts").
-    prediction_type is the model's: "epsilon" or "v_prediction"."""
+def check_run(sampler: str, steps: int, strength: float = 1.0, denoising_start: float | None = None,
+              denoising_end: float | None = None) -> None:
+    """Refuse what make_plan refuses for every model: an unknown sampler, a step count, strength or cut out of range.
+    Whether a cut leaves a step depends on the model's timestep spacing, so only make_plan can tell."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
     # With steps_offset=1, DDPM/DDIM's leading spacing would step past the last training timestep at 1000 steps.
@@ -293,17 +320,30 @@ def make_plan(sampler: str, steps: int, strength: float = 1.0, prediction_type: 
             raise ValueError(f"{name} must be in (0, 1), got {fraction}")
     if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
         raise ValueError(f"denoising_start {denoising_start} must be below denoising_end {denoising_end}")
-    build = SAMPLERS[sampler].build
+    if denoising_start is None and int(steps * strength) == 0:
+        raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step; "
+                         f"steps * strength must be at least 1")
+
+
+def make_plan(sampler: str, steps: int, strength: float = 1.0, prediction_type: str = "epsilon",
+              denoising_start: float | None = None, denoising_end: float | None = None,
+              timestep_spacing: str = "default") -> SamplerPlan:
+    """The whole run of `sampler` over `steps` steps; strength < 1 keeps only the last steps (img2img).
+    denoising_start (img2img, in place of strength) keeps the steps whose timestep is below that fraction of the
+    training schedule, denoising_end the steps at or above its own: a run cut with denoising_end=f and one cut with
+    denoising_start=f are the two halves of one run (SDXL's base and refiner, "ensemble of experts").
+    prediction_type is the model's: "epsilon" or "v_prediction"; timestep_spacing its scheduler's (diffusers'
+    "leading", "linspace" or "trailing"; "default": the sampler's own scheduler's, Sampler.spacing)."""
+    check_run(sampler, steps, strength, denoising_start, denoising_end)
+    if timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; valid: {', '.join(TIMESTEP_SPACINGS)}")
+    s = SAMPLERS[sampler]
+    spacing = s.spacing if timestep_spacing == "default" else timestep_spacing
     if denoising_start is None:
         kept = min(int(steps * strength), steps)
-        if kept == 0:
-            raise ValueError(
-                f"strength {strength} with {steps} steps leaves no denoising step; "
-                f"steps * strength must be at least 1"
-            )
     else:
-        kept = int((build(steps, 0).timesteps < _cutoff(denoising_start)).sum())
-    plan = build(steps, steps - kept) if kept else None
+        kept = int((s.build(steps, 0, spacing).timesteps < _cutoff(denoising_start)).sum())
+    plan = s.build(steps, steps - kept, spacing) if kept else None
     if plan is not None and denoising_end is not None:
         plan = plan.first(int((plan.timesteps >= _cutoff(denoising_end)).sum()))
     if plan is None or not len(plan.timesteps):

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from tritonsd.engine.config import ModelConfig
-from tritonsd.engine.samplers import SamplerPlan, make_plan
+from tritonsd.engine.samplers import SamplerPlan, check_run, make_plan
 from tritonsd.engine.text_encoder import check_clip_skip
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -202,7 +202,6 @@ class Settings:
     denoising_end: float | None = None
     prompts: tuple[str, ...] = field(init=False, repr=False)
     negative_prompts: tuple[str, ...] = field(init=False, repr=False)
-    plan: SamplerPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         def put(name, value):
@@ -249,9 +248,18 @@ class Settings:
         if self.denoising_start is not None and self.strength is None:
             raise SettingError("denoising_start", "applies to img2img (it takes the place of strength); txt2img "
                                                   "starts from noise")
-        # The sampler's own checks: its name, the step count, strength and the cuts against the training schedule.
-        put("plan", make_plan(self.sampler, self.steps, 1.0 if self.strength is None else self.strength,
-                              denoising_start=self.denoising_start, denoising_end=self.denoising_end))
+        # The sampler's own checks: its name, the step count, strength and the cuts' range.
+        check_run(self.sampler, self.steps, self._strength, self.denoising_start, self.denoising_end)
+
+    @property
+    def _strength(self) -> float:
+        return 1.0 if self.strength is None else self.strength
+
+    def plan(self, config: ModelConfig) -> SamplerPlan:
+        """The sampler's run for a model of this config (its prediction type and timestep spacing); a ValueError if a
+        cut (denoising_start, denoising_end) leaves that schedule no step."""
+        return make_plan(self.sampler, self.steps, self._strength, config.prediction_type, self.denoising_start,
+                         self.denoising_end, config.timestep_spacing)
 
     def check_conditioning(self, conditioning: str, family: str) -> None:
         """Refuse an SDXL conditioning option, set away from its default, that a model of this conditioning kind

@@ -1,15 +1,18 @@
 """What a checkpoint is, the ModelConfig its tensor shapes imply, whether a given config agrees with them, and
 what its UNet predicts."""
 
+import dataclasses
 import re
 from collections.abc import Callable
 
 import torch
 
 from tritonsd import kernels
-from tritonsd.engine.config import CONDITIONING, FAMILIES, SD2_V, SIZE_EMBEDDING_DIM, ModelConfig
+from tritonsd.engine.config import (
+    CONDITIONING, FAMILIES, SD2_V, SIZE_EMBEDDING_DIM, TIMESTEP_SPACINGS, ModelConfig,
+)
 from tritonsd.loader.convert import ORIGINAL_PREFIXES
-from tritonsd.loader.formats import CheckpointError
+from tritonsd.loader.formats import DIFFUSERS_SETTINGS, CheckpointError
 from tritonsd.loader.lora import is_lora
 
 # The architectures the engine runs, by the names ModelConfig.family gives them; architecture() names others so that
@@ -302,8 +305,8 @@ def _pad_token(tokenizer: dict) -> str | None:
 
 def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
     """ModelConfig from a diffusers folder's unet/, vae/, text_encoder/ and text_encoder_2/ config.json files (an SDXL
-    refiner's text_encoder_2 is the engine's text), with the prediction type of scheduler/scheduler_config.json
-    ("epsilon" without one) and the pad tokens of tokenizer/ and tokenizer_2/. What label_emb receives follows from
+    refiner's text_encoder_2 is the engine's text), with the prediction type ("epsilon" without one) and timestep
+    spacing of scheduler/scheduler_config.json and the pad tokens of tokenizer/ and tokenizer_2/. What label_emb receives follows from
     its width (conditioning()). Each entry read is checked before any arithmetic is done with it."""
     for part, source in configs.items():
         if not isinstance(source, dict):
@@ -313,12 +316,12 @@ def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
         """configs[part][key] (or the default, if given, when absent), which must be of `kind`."""
         if key not in configs[part] and default is not None:
             return default
+        file = DIFFUSERS_SETTINGS.get(part, f"{part}/config.json")
         if key not in configs[part]:
-            raise CheckpointError(f"{part}/config.json has no {key!r}")
+            raise CheckpointError(f"{file} has no {key!r}")
         value = configs[part][key]
         if not _DIFFUSERS_KINDS[kind][1](value):
-            raise CheckpointError(f"{part}/config.json: {key} must be {_DIFFUSERS_KINDS[kind][0]}; "
-                                  f"got {repr(value)[:60]}")
+            raise CheckpointError(f"{file}: {key} must be {_DIFFUSERS_KINDS[kind][0]}; got {repr(value)[:60]}")
         return value
 
     def per_level(part: str, key: str, default: int) -> int | tuple[int, ...]:
@@ -396,11 +399,18 @@ def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
             f"unet/config.json: projection_class_embeddings_input_dim {adm} is the pooled text embedding's {pooled} "
             f"plus neither {CONDITIONING['size']} (SDXL) nor {CONDITIONING['aesthetic']} (SDXL refiner) conditioning "
             f"numbers of {SIZE_EMBEDDING_DIM}")
-    prediction_type = get("scheduler", "prediction_type", "str", "epsilon") if "scheduler" in configs else "epsilon"
+    settings = {}
+    if "scheduler" in configs:
+        settings["prediction_type"] = get("scheduler", "prediction_type", "str", "epsilon")
+        # A scheduler config without one leaves each scheduler its own (SD 1.x's and 2.x's); SDXL's says "leading".
+        settings["timestep_spacing"] = get("scheduler", "timestep_spacing", "spacing", "default")
     try:
-        return ModelConfig.from_dict({**parts, "prediction_type": prediction_type})
+        config = ModelConfig.from_dict({**parts, **settings})
     except ValueError as e:
         raise CheckpointError(f"the diffusers config.json files describe an unsupported model: {e}") from None
+    # A folder without a scheduler config samples as its family's released one does.
+    return config if "scheduler" in configs else dataclasses.replace(
+        config, timestep_spacing=FAMILIES[config.family].timestep_spacing)
 
 
 # Each text tower's tokenizer folder in a diffusers model.
@@ -440,6 +450,8 @@ _DIFFUSERS_KINDS = {
     "number": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "str": ("a string", lambda v: isinstance(v, str)),
+    # diffusers' own values: "default" is the engine's word for a config that names none.
+    "spacing": (f"one of {', '.join(TIMESTEP_SPACINGS[1:])}", lambda v: v in TIMESTEP_SPACINGS[1:]),
 }
 
 
