@@ -46,6 +46,16 @@ def conditioning(adm_in_channels: int, pooled: int) -> str | None:
     return next((name for name, n in CONDITIONING.items() if n and n == numbers and not rest and pooled), None)
 
 
+def stated_conditioning(adm_in_channels: int, pooled: int, where: str) -> str:
+    """conditioning(), or a CheckpointError saying where the width that fits no SDXL model was found."""
+    found = conditioning(adm_in_channels, pooled)
+    if found is None:
+        raise CheckpointError(
+            f"{where} {adm_in_channels} is the pooled text embedding's {pooled} plus neither {CONDITIONING['size']} "
+            f"(SDXL) nor {CONDITIONING['aesthetic']} (SDXL refiner) conditioning numbers of {SIZE_EMBEDDING_DIM}")
+    return found
+
+
 def _last_tower(state: dict) -> str:
     return "text_encoder_2" if any(k.startswith("text_encoder_2.") for k in state) else "text_encoder"
 
@@ -240,12 +250,7 @@ def infer_config(state: dict[str, torch.Tensor], prediction_type: str = "epsilon
         # CLIP ViT-L/14 has 12 heads of 64; the OpenCLIP towers (ViT-H/14: 16, ViT-bigG/14: 20) keep heads of 64.
         parts[part]["num_attention_heads"] = 12 if hidden == 768 else max(1, hidden // 64)
     adm, pooled = fields["unet"]["adm_in_channels"], fields[towers[-1]]["projection_dim"]
-    parts["conditioning"] = conditioning(adm, pooled)
-    if parts["conditioning"] is None:
-        raise CheckpointError(
-            f"cannot infer the model config: label_emb takes {adm} inputs, which is the pooled text embedding's "
-            f"{pooled} plus neither {CONDITIONING['size']} (SDXL) nor {CONDITIONING['aesthetic']} (SDXL refiner) "
-            f"conditioning numbers of {SIZE_EMBEDDING_DIM}")
+    parts["conditioning"] = stated_conditioning(adm, pooled, "cannot infer the model config: label_emb's input width")
     try:
         return ModelConfig.from_dict({**parts, "prediction_type": prediction_type})
     except ValueError as e:
@@ -393,12 +398,7 @@ def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
     for part, folder in zip(("text", "text_2"), folders):
         parts[part] = _diffusers_tower(configs, folder, get, sdxl)
     adm, pooled = unet["adm_in_channels"], parts["text_2" if "text_2" in parts else "text"].get("projection_dim", 0)
-    parts["conditioning"] = conditioning(adm, pooled)
-    if parts["conditioning"] is None:
-        raise CheckpointError(
-            f"unet/config.json: projection_class_embeddings_input_dim {adm} is the pooled text embedding's {pooled} "
-            f"plus neither {CONDITIONING['size']} (SDXL) nor {CONDITIONING['aesthetic']} (SDXL refiner) conditioning "
-            f"numbers of {SIZE_EMBEDDING_DIM}")
+    parts["conditioning"] = stated_conditioning(adm, pooled, "unet/config.json: projection_class_embeddings_input_dim")
     settings = {}
     if "scheduler" in configs:
         settings["prediction_type"] = get("scheduler", "prediction_type", "str", "epsilon")
