@@ -1,5 +1,5 @@
-"""The SD 1.x and 2.x VAE (KL autoencoder; both use the same one). Module names mirror the original CompVis checkpoint
-(encoder.down.N.block.M, ...)."""
+"""The Stable Diffusion VAE (KL autoencoder; SD 1.x, 2.x and SDXL share it, SDXL with its own weights and scaling
+factor). Module names mirror the original CompVis checkpoint (encoder.down.N.block.M, ...)."""
 
 import torch
 import torch.nn.functional as F
