@@ -203,7 +203,7 @@ resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 out = {"available": memory.host_available()}
 
 settings = Settings("a red cube", steps=1, width=96, height=96, seed=0)
-need = memory.estimate(pipe.config, pipe.device, pipe.dtype, settings, 96, 96)
+need = memory.estimate(pipe.config, pipe.device, pipe.dtype, settings, settings.plan(pipe.config), 96, 96)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # VmHWM := VmRSS
 base = status()["VmRSS"]

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from tritonsd.engine.config import ModelConfig
+from tritonsd.engine.samplers import SamplerPlan
 from tritonsd.engine.settings import Settings
 
 UNET_FACTOR = 48
@@ -50,8 +51,8 @@ class Need:
     host: int  # bytes in system memory besides (on a CPU, the two add up)
 
 
-def estimate(config: ModelConfig, device: torch.device, dtype: torch.dtype, settings: Settings, width: int,
-             height: int, vae_dtype: torch.dtype | None = None) -> Need:
+def estimate(config: ModelConfig, device: torch.device, dtype: torch.dtype, settings: Settings, plan: SamplerPlan,
+             width: int, height: int, vae_dtype: torch.dtype | None = None) -> Need:
     a = dtype.itemsize
     u, v = config.unet, config.vae
     f = 2 ** (len(v.ch_mult) - 1)
@@ -65,8 +66,7 @@ def estimate(config: ModelConfig, device: torch.device, dtype: torch.dtype, sett
     )
     rows = len(settings.prompts) * (2 if settings.guided else 1)
     tokens = config.text.max_position_embeddings
-    noise_steps = settings.plan(config).noise_steps
-    noisy_steps = len(noise_steps) if any(noise_steps) else 0
+    noisy_steps = len(plan.noise_steps) if any(plan.noise_steps) else 0
 
     latents = 4 * 12 * b * latent
     context = a * b * tokens * u.context_dim + 4 * b * u.adm_in_channels

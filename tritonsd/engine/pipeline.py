@@ -282,10 +282,11 @@ class Pipeline:
         estimate that does not fit."""
         self._prepare(settings, image)
 
-    def _prepare(self, settings: Settings, image) -> tuple[Image.Image | torch.Tensor | None, int, int]:
-        """(img2img's picture, or latents, or None; width, height) of a run that has passed `check`."""
+    def _prepare(self, settings: Settings, image) -> tuple[Image.Image | torch.Tensor | None, int, int, SamplerPlan]:
+        """(img2img's picture, or latents, or None; width, height; the sampler's run) of a run that has passed
+        `check`."""
         settings.check_conditioning(self.config.conditioning, self.config.family)
-        settings.plan(self.config)
+        plan = settings.plan(self.config)
         picture = None
         if settings.strength is None:
             if image is not None:
@@ -301,9 +302,9 @@ class Pipeline:
             width, height = (side - side % self.vae_scale for side in picture.size)
             if width == 0 or height == 0:
                 raise SettingError("image", f"of size {picture.size} is smaller than {self.vae_scale}x{self.vae_scale} pixels")
-        need = memory.estimate(self.config, self.device, self.dtype, settings, width, height, self.vae_dtype)
+        need = memory.estimate(self.config, self.device, self.dtype, settings, plan, width, height, self.vae_dtype)
         memory.check(need, self.device)
-        return picture, width, height
+        return picture, width, height, plan
 
     def _check_latents(self, latents: torch.Tensor, images: int) -> torch.Tensor:
         channels = self.config.unet.in_channels
@@ -323,8 +324,7 @@ class Pipeline:
     def generate(self, settings: Settings, image=None, progress: bool = False):
         """Run `settings`: txt2img, or img2img of `image` when settings.strength is set. What `check` refuses is
         refused before any work; a stage that gives NaN or Inf raises NonFiniteError naming it."""
-        picture, width, height = self._prepare(settings, image)
-        plan = settings.plan(self.config)
+        picture, width, height, plan = self._prepare(settings, image)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
         negatives = list(settings.negative_prompts)
         prompts, loras = self._prompt_loras(list(settings.prompts), negatives)
