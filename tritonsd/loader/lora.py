@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tritonsd.loader.convert import unet_rules
 from tritonsd.engine.config import FAMILY_BY_CONTEXT, FAMILY_BY_TEXT_WIDTH
+from tritonsd.loader.convert import unet_rules
 from tritonsd.loader.formats import CheckpointError, read_file
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -333,18 +333,25 @@ def read_lora(path, model: nn.Module, targets: dict[str, Target] | None = None) 
     return LoraFile(path, fmt, layers, short_hash(path))
 
 
-def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Target]) -> tuple[list[Layer], str]:
+def _group(raw: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {leaf: tensor}} of a LoRA file's tensors (_split's names)."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
         module, leaf = _split(key)
-        if leaf in UNSUPPORTED:
+        grouped.setdefault(module, {})[leaf] = t
+    return grouped
+
+
+def _layers(raw: dict, metadata: dict, model: nn.Module, targets: dict[str, Target]) -> tuple[list[Layer], str]:
+    for key in raw:
+        if (leaf := _split(key)[1]) in UNSUPPORTED:
             raise ValueError(f"holds {UNSUPPORTED[leaf]} ({key}), which tritonsd does not apply; "
                              "it applies LoRA, LoCon, LoHa and LoKr")
-        grouped.setdefault(module, {})[leaf] = t
+    grouped = _group(raw)
     if not grouped or not any(leaf in set().union(*KINDS.values()) for g in grouped.values() for leaf in g):
         first = ", ".join(list(raw)[:5])
         raise ValueError(f"not a LoRA: none of its {len(raw)} tensors is a LoRA, LoHa or LoKr weight ({first})")
-    family, named = model.config.family, lora_family(raw)
+    family, named = model.config.family, lora_family(raw, grouped)
     if named is None and model.text_encoder_2 is not None and any(k.startswith("lora_te_") for k in raw):
         named = "SD 1.x or 2.x", "kohya's lora_te_ names a model with one text encoder"
     other = f"a LoRA for {named[0]} ({named[1]})" if named and named[0] != family else None
@@ -417,15 +424,13 @@ TEXT_INPUT = re.compile(r"(lora_te_|text_encoder\.).*(q_proj|k_proj|v_proj|out_p
 CONTEXT_INPUT = re.compile(r"(lora_unet_|unet\.).*attn2[._]to_[kv]")
 
 
-def lora_family(raw: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+def lora_family(raw: dict[str, torch.Tensor], grouped: dict | None = None) -> tuple[str, str] | None:
     """(model family, why) from a LoRA file's names (two text encoders: SDXL) or else the width of the text features
-    its layers take in; None when it has no such layer or the width names no family."""
+    its layers take in; None when it has no such layer or the width names no family. grouped: _group(raw), if the
+    caller has it."""
     if two := sorted({next(p for p in TWO_TOWERS if k.startswith(p)) for k in raw if k.startswith(TWO_TOWERS)}):
         return "SDXL", f"it patches two text encoders: {', '.join(two)}"
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in raw.items():
-        module, leaf = _split(key)
-        grouped.setdefault(module, {})[leaf] = t
+    grouped = _group(raw) if grouped is None else grouped
     for pattern, widths, what in ((CONTEXT_INPUT, FAMILY_BY_CONTEXT, "its cross-attention reads {}-wide text features"),
                                   (TEXT_INPUT, FAMILY_BY_TEXT_WIDTH, "its text-encoder layers are {} wide")):
         for module, f in grouped.items():
