@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from tritonsd.loader.formats import TEXT_PARTS, tower_folders
+
 # Each part's prefix in an original SD 1.x/2.x checkpoint: the one place that knows them. The text encoder's names
 # come in two forms; files are written with the first, and both are read.
 ORIGINAL_PREFIXES = {
@@ -232,8 +234,7 @@ def from_diffusers(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch
 
     state.update(vae_from_diffusers(vae))
 
-    towers = [part for part in ("text_encoder", "text_encoder_2") if part in parts]
-    for folder, part in zip(towers, ("text_encoder", "text_encoder_2")):
+    for folder, part in zip(tower_folders(parts), TEXT_PARTS):
         # transformers writes CLIPTextModel with or without the text_model. prefix, depending on its version.
         for k, t in parts[folder].items():
             if not IGNORED.fullmatch(k):

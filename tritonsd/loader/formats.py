@@ -15,8 +15,6 @@ class CheckpointError(ValueError):
 
 
 
-
-
 # What diffusers and transformers call a part's weights, best first: safetensors before pickles, full before fp16.
 WEIGHT_FILES = [
     f"{stem}{variant}.{ext}"
@@ -28,6 +26,12 @@ WEIGHT_FILES = [
 # refiner: text_encoder_2 alone).
 DIFFUSERS_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
+
+
+def tower_folders(parts) -> list[str]:
+    """The text-tower folders among a diffusers model's parts, in the order of the engine's towers: an SDXL refiner's
+    text_encoder_2, alone, is the engine's first (text_encoder, ModelConfig.text)."""
+    return [part for part in TEXT_PARTS if part in parts]
 
 
 def _kind(path: Path) -> str:

@@ -12,7 +12,7 @@ from tritonsd.engine.config import (
     CONDITIONING, FAMILIES, SD2_V, SIZE_EMBEDDING_DIM, TIMESTEP_SPACINGS, ModelConfig,
 )
 from tritonsd.loader.convert import ORIGINAL_PREFIXES
-from tritonsd.loader.formats import DIFFUSERS_SETTINGS, CheckpointError
+from tritonsd.loader.formats import DIFFUSERS_SETTINGS, CheckpointError, tower_folders
 from tritonsd.loader.lora import is_lora
 
 # The architectures the engine runs, by the names ModelConfig.family gives them; architecture() names others so that
@@ -394,8 +394,7 @@ def config_from_diffusers(configs: dict[str, dict]) -> ModelConfig:
         force_upcast=get("vae", "force_upcast", "bool", True) if sdxl else False,
     )
     parts = {"unet": unet, "vae": vae}
-    folders = [p for p in ("text_encoder", "text_encoder_2") if p in configs]
-    for part, folder in zip(("text", "text_2"), folders):
+    for part, folder in zip(("text", "text_2"), tower_folders(configs)):
         parts[part] = _diffusers_tower(configs, folder, get, sdxl)
     adm, pooled = unet["adm_in_channels"], parts["text_2" if "text_2" in parts else "text"].get("projection_dim", 0)
     parts["conditioning"] = stated_conditioning(adm, pooled, "unet/config.json: projection_class_embeddings_input_dim")
