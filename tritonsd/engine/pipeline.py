@@ -106,6 +106,8 @@ class Pipeline:
         from tritonsd.loader.vae import read_vae, read_vae_force_upcast
 
         state = read_vae(path, self.dtype, self.device)
+        # Read before any weight changes, so that a VAE folder with an unreadable config changes nothing.
+        upcast = read_vae_force_upcast(path)
         current = {f"vae.{k}": t for k, t in self.vae.state_dict(keep_vars=True).items()}
         problems = [f"{len(items)} {what} tensor(s): {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
                     for what, items in zip(("missing", "unexpected", "wrongly shaped"), _mismatches(state, current)) if items]
@@ -116,7 +118,6 @@ class Pipeline:
                 current[name].copy_(t)
         # Only a model whose own VAE overflows float16 (SDXL) reads the flag: diffusers writes force_upcast into every
         # VAE config, SD 1.x's included, whose pipelines never read it.
-        upcast = read_vae_force_upcast(path)
         if self.config.vae.force_upcast and upcast is not None:
             self._set_vae_precision(upcast)
 
