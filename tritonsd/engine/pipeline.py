@@ -21,8 +21,8 @@ from tritonsd.engine.model import StableDiffusion
 from tritonsd.engine.prompts import PromptTokenizer, encode_chunks
 from tritonsd.engine.samplers import C_IN, COEFFICIENTS, TIMESTEP, SamplerPlan
 from tritonsd.engine.settings import (
-    MAX_IMAGE_SIDE, Settings, SettingError, check_config, check_device, check_dtype, check_path, prompt_lists,
-    read_image,
+    Settings, SettingError, check_config, check_device, check_dtype, check_path, prompt_lists, read_image,
+    read_latents,
 )
 from tritonsd.engine.text_encoder import applies_clip_skip, check_clip_skip
 from tritonsd.engine.tokenizer import CLIPTokenizer
@@ -295,7 +295,7 @@ class Pipeline:
             width = self.default_size if settings.width is None else settings.width
             height = self.default_size if settings.height is None else settings.height
         elif isinstance(image, torch.Tensor):
-            picture = self._check_latents(image, settings.images)
+            picture = read_latents(image, self.config.unet.in_channels, settings.images, self.vae_scale)
             height, width = (side * self.vae_scale for side in picture.shape[-2:])
         else:
             picture = read_image(image)
@@ -306,20 +306,6 @@ class Pipeline:
         need = memory.estimate(self.config, self.device, self.dtype, settings, plan, width, height, self.vae_dtype)
         memory.check(need, self.device)
         return picture, width, height, plan
-
-    def _check_latents(self, latents: torch.Tensor, images: int) -> torch.Tensor:
-        channels = self.config.unet.in_channels
-        if latents.ndim != 4 or latents.shape[1] != channels or not latents.is_floating_point():
-            raise SettingError("image", f"given as a tensor must be latents [1 or {images}, {channels}, h, w] (txt2img's "
-                                        f"output_type='latent'), got a {latents.dtype} tensor of shape {list(latents.shape)}")
-        if latents.shape[0] not in (1, images):
-            raise SettingError("image", f"holds {latents.shape[0]} latents for {images} images; give one or {images}")
-        if max(latents.shape[-2:]) * self.vae_scale > MAX_IMAGE_SIDE or min(latents.shape[-2:]) == 0:
-            raise SettingError("image", f"latents of {list(latents.shape[-2:])} make an image past {MAX_IMAGE_SIDE} pixels "
-                                        "a side, or an empty one")
-        if not bool(torch.isfinite(latents).all()):
-            raise SettingError("image", "latents hold NaN or infinite values")
-        return latents
 
     @torch.inference_mode()
     def generate(self, settings: Settings, image=None, progress: bool = False):

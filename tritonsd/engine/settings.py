@@ -282,6 +282,22 @@ class Settings:
         return self.guidance_scale > 1.0
 
 
+def read_latents(latents: torch.Tensor, channels: int, images: int, vae_scale: int) -> torch.Tensor:
+    """img2img's input given as latents [1 or images, channels, h, w] (txt2img's output_type="latent"), checked as
+    read_image checks a picture: their shape, an image size within MAX_IMAGE_SIDE, finite values."""
+    if latents.ndim != 4 or latents.shape[1] != channels or not latents.is_floating_point():
+        raise SettingError("image", f"given as a tensor must be latents [1 or {images}, {channels}, h, w] (txt2img's "
+                                    f"output_type='latent'), got a {latents.dtype} tensor of shape {list(latents.shape)}")
+    if latents.shape[0] not in (1, images):
+        raise SettingError("image", f"holds {latents.shape[0]} latents for {images} images; give one or {images}")
+    if max(latents.shape[-2:]) * vae_scale > MAX_IMAGE_SIDE or min(latents.shape[-2:]) == 0:
+        raise SettingError("image", f"latents of {list(latents.shape[-2:])} make an image past {MAX_IMAGE_SIDE} pixels "
+                                    "a side, or an empty one")
+    if not bool(torch.isfinite(latents).all()):
+        raise SettingError("image", "latents hold NaN or infinite values")
+    return latents
+
+
 def read_image(image) -> Image.Image:
     """img2img's input as an RGB PIL image, from a PIL image, a path or an HxW, HxWx1, HxWx3 or HxWx4 numpy array.
     Grayscale is spread to RGB and alpha dropped. 16-bit pixels (PIL's I;16 modes, uint16 arrays) are scaled to 8
