@@ -49,23 +49,23 @@ except KeyboardInterrupt:
     _interrupted()
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-# The Python arguments that SettingError names, as options of this command.
-_OPTIONS = {
-    "guidance_scale": "--cfg", "batch_size": "--batch", "negative_prompt": "--negative-prompt",
-    "clip_skip": "--clip-skip",
-    **{name: f"--{name}" for name in ("steps", "sampler", "seed", "width", "height", "strength", "device")},
-    **{f"{neg}{name}": f"--{neg.replace('_', '-')}{flag}" for neg in ("", "negative_") for name, flag in (
-        ("original_size", "original-size"), ("target_size", "target-size"), ("crops_coords_top_left", "crop-top-left"),
-        ("aesthetic_score", "aesthetic-score"))},
-    "denoising_start": "--denoising-start", "denoising_end": "--denoising-end",
-}
-# SDXL's conditioning options: (Settings argument, option, how its value is written, what it sets).
+# SDXL's conditioning options: (Settings argument, option, how its value is written, what it sets); each also has a
+# --negative- form for the negative prompt.
 _SDXL_OPTIONS = (
     ("original_size", "--original-size", "WIDTHxHEIGHT", "the size the training picture had (default: the image's)"),
     ("target_size", "--target-size", "WIDTHxHEIGHT", "the size it was shown at (base; default: the image's)"),
     ("crops_coords_top_left", "--crop-top-left", "TOP,LEFT", "where it was cropped (default: 0,0)"),
     ("aesthetic_score", "--aesthetic-score", "SCORE", "its aesthetic score, 0 to 10 (refiner; default: 6)"),
 )
+# The Python arguments that SettingError names, as options of this command.
+_OPTIONS = {
+    "guidance_scale": "--cfg", "batch_size": "--batch", "negative_prompt": "--negative-prompt",
+    "clip_skip": "--clip-skip",
+    **{name: f"--{name}" for name in ("steps", "sampler", "seed", "width", "height", "strength", "device")},
+    **{f"{neg}{name}": f"--{neg.replace('_', '-')}{flag[2:]}" for name, flag, *_ in _SDXL_OPTIONS
+       for neg in ("", "negative_")},
+    "denoising_start": "--denoising-start", "denoising_end": "--denoising-end",
+}
 
 
 class _Parser(argparse.ArgumentParser):
