@@ -404,11 +404,14 @@ def test_verbose_counts_the_tokens_of_long_prompts(capsys, model, tmp_path):
 # Bad input through the real command: every case runs `python -m tritonsd ARGS` (what the `tritonsd` script and
 # torchrun run) in one subprocess, one after another, so a case costs a model load rather than torch's import.
 DRIVER = r"""
-import contextlib, io, json, os, resource, runpy, signal, sys, traceback
+import contextlib, io, json, os, resource, signal, sys, traceback
 
 cases = json.loads(sys.stdin.read())
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past RLIMIT_FSIZE fails with EFBIG, as on a full disk
 import tritonsd.cli  # noqa: F401  loaded once for all cases
+# What `python -m tritonsd` runs, read once: a case run as another user may not be allowed to read this checkout.
+MAIN = compile(open(os.path.join(os.path.dirname(tritonsd.__file__), "__main__.py")).read(), "tritonsd/__main__.py",
+               "exec")
 
 # An address-space limit, so that a request the memory bound fails to refuse fails fast instead of swapping.
 size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
@@ -426,7 +429,7 @@ for case in cases:
     sys.argv = ["tritonsd", *case["argv"]]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_module("tritonsd", run_name="__main__", alter_sys=True)
+            exec(MAIN, {"__name__": "__main__"})
         status = 0
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else int(e.code is not None)
